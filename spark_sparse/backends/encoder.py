@@ -66,7 +66,7 @@ class SparseEncoder(nn.Module):
         self.downsample_ratio = downsample_ratio_of(dense)
         self.feature_channels: List[int] = feature_channels_of(dense, family)
         self.input_size: Size2d = parse_input_size(input_size, self.downsample_ratio)
-        self.sites = ActiveSites()
+        self.sites = self.create_sites()
         _check_unused_children(dense, family)
 
         strides = trace_input_strides(dense, family, self.input_size) if needs_strides else {}
@@ -74,6 +74,10 @@ class SparseEncoder(nn.Module):
         for name in family.module_names:
             context.path = name
             self.add_module(name, registry.convert(getattr(dense, name), context))
+
+    def create_sites(self) -> ActiveSites:
+        """Create the mask scope shared by the converted layers; a backend may return a subclass."""
+        return ActiveSites()
 
     @property
     def grid_size(self) -> Size2d:
