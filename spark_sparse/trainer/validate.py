@@ -1,0 +1,39 @@
+"""Check the trainer's options for a world of N processes before ``run.sh`` starts them.
+
+Usage: ``python -m spark_sparse.trainer.validate --world_size=N [trainer options]``.
+Exits 0 when the options are valid, else 2 with the trainer's one-line error, so
+the launcher can stop before torchrun starts processes (whose failures torchrun
+reports with its own traceback).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from .args import parse_args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Return 0 when the trainer options in ``argv`` are valid for ``--world_size`` processes, else 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    world_size = 1
+    options = []
+    for arg in argv:
+        if arg.startswith("--world_size="):
+            value = arg.split("=", 1)[1]
+            if not value.isdigit() or int(value) < 1:
+                sys.stderr.write(f"run.sh: error: invalid world size {value!r}; use a positive integer\n")
+                return 2
+            world_size = int(value)
+        else:
+            options.append(arg)
+
+    try:
+        parse_args(options, world_size, prog="run.sh")
+    except SystemExit as exit_request:
+        return int(exit_request.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
