@@ -25,7 +25,7 @@ import importlib
 import importlib.metadata
 import os
 
-for name in ("torch", "torchvision", "timm", "rich", "numpy", "skimage", "pytest", "spconv.pytorch"):
+for name in ("torch", "torchvision", "timm", "rich", "numpy", "skimage", "matplotlib", "pytest", "spconv.pytorch"):
     importlib.import_module(name)
 if os.environ.get("SPARK_SPCONV"):
     importlib.metadata.version(os.environ["SPARK_SPCONV"])
@@ -72,7 +72,7 @@ spark_activate() {
     spark_install || { spark_env_error "installing the packages into $SPARK_ROOT/.venv failed; see pip's output above"; return 1; }
     PYTHON="$SPARK_ROOT/.venv/bin/python"
     if ! spark_env_ready "$PYTHON"; then
-      spark_env_error "$PYTHON still cannot import torch, torchvision, timm, rich, numpy, skimage, pytest and spconv"
+      spark_env_error "$PYTHON still cannot import torch, torchvision, timm, rich, numpy, skimage, matplotlib, pytest and spconv"
       return 1
     fi
   fi
