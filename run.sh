@@ -8,7 +8,7 @@
 # (see `bash run.sh --help`). --ngpu_per_node is the number of processes on this
 # node: one per GPU (default: all GPUs), or on a machine with no GPU the number of
 # CPU processes (default 1). Outputs go to output_<exp_name> in the current
-# directory unless --exp_dir says otherwise.
+# directory, or to --exp_dir when it is given.
 set -euo pipefail
 
 repo_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -1,10 +1,10 @@
 # Select a Python that has the project's packages, installing them into a project-local .venv when needed.
 #
 # Sourced by run.sh and .ci/run (bash). Exports PYTHON, the interpreter to use, and puts its
-# directory first on PATH. Order: the current python3 when it imports everything (the fast
-# path, no pip), else the project's .venv when it does, else pip installs into .venv
-# (created when missing): torch and torchvision pinned per machine architecture, the
-# project with its test extras, and one spconv flavour.
+# directory first on PATH. The current python3 is used when it imports everything (the fast
+# path, no pip), else the project's .venv when that does. Otherwise pip installs into .venv,
+# created when missing: torch and torchvision pinned per machine architecture, the project
+# with its test extras, and one spconv flavour.
 #
 # SPARK_SPCONV chooses the spconv package explicitly (spconv, spconv-cu120, spconv-cu121,
 # spconv-cu124 or spconv-cu126); otherwise spconv-flavour.sh chooses by the CUDA version.

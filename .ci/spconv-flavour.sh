@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Print the spconv package to install for interpreter $1 on this machine.
 #
-# SPARK_SPCONV, when set, is printed as it is. Otherwise: the CPU wheel spconv when
-# nvidia-smi reports no CUDA version; spconv-cu120 for CUDA 12.0 on Python 3.11 or
-# older; else spconv-cu121, -cu124 or -cu126 by the CUDA version the driver reports
-# (a newer driver runs wheels built for an older CUDA 12). Exits 1 with a message
-# when no flavour fits.
+# SPARK_SPCONV, when set, is printed as it is. Without it, the choice follows the CUDA
+# version that nvidia-smi reports. No version gives the CPU wheel spconv. CUDA 12.0 gives
+# spconv-cu120 on Python 3.11 or older. Newer versions give spconv-cu121, -cu124 or
+# -cu126, the newest one not above the driver's version, because a driver runs wheels
+# built for an older CUDA 12. Exits 1 with a message when no flavour fits.
 set -euo pipefail
 
 if [ -n "${SPARK_SPCONV:-}" ]; then

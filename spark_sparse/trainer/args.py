@@ -62,12 +62,13 @@ def build_parser(prog: str = "main.py") -> ArgumentParser:
         prog=prog,
         description="SparK sparse masked image modeling pre-training of a timm CNN.",
         allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
 
     # Experiment and files.
     add("--exp_name", required=True, help="experiment name; the output directory defaults to output_<exp_name>")
-    add("--exp_dir", default="", help="output directory for checkpoints and logs (default: output_<exp_name>)")
+    add("--exp_dir", default="", help="output directory for checkpoints and logs; empty: output_<exp_name>")
     add(
         "--data_path",
         default="",
@@ -80,13 +81,13 @@ def build_parser(prog: str = "main.py") -> ArgumentParser:
 
     # Model.
     add("--model", type=parse_model, default="resnet50", help=f"timm model: {', '.join(SUPPORTED_MODELS)}")
-    add("--input_size", type=parse_size, default=(224, 224), help="image side in pixels, or H,W (default 224)")
+    add("--input_size", type=parse_size, default="224", metavar="SIDE|H,W", help="image size in pixels")
     add("--mask", type=float, default=0.6, help="fraction of patches hidden from the encoder, in (0, 1)")
-    add("--sbn", type=parse_bool, default=True, help="1: synchronise batch norm statistics across processes")
+    add("--sbn", type=parse_bool, default="1", metavar="0|1", help="1: synchronise batch norm statistics across processes")
     add("--dp", type=float, default=0.0, help="drop path rate of the encoder, in [0, 1)")
     add("--densify_norm", default="", choices=DENSIFY_NORMS, help="norm before mask tokens; empty: the family's")
     add("--decoder_width", type=int, default=768, help="channels of the decoder's first block; halves per block")
-    add("--sparse_conv", type=parse_bool, default=False, help="1: spconv submanifold convolution; 0: masked dense")
+    add("--sparse_conv", type=parse_bool, default="0", metavar="0|1", help="1: spconv submanifold convolution; 0: masked dense")
 
     # Data.
     add("--bs", type=int, default=4096, help="global batch size in images, summed over all processes")

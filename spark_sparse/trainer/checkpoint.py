@@ -30,7 +30,7 @@ def pretrained_path(out_dir: Path, model: str) -> Path:
 def save_atomically(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, flush and fsync it, then rename it over ``path``.
 
-    A reader, or a crash at any moment, sees either the old file or the new one, never a partial one.
+    So ``path`` contains either the old file or the new one, never a partial one, even after a crash.
     """
     # open(..., "xb") rather than tempfile.mkstemp, so the file gets the umask's permissions, not 0600.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
@@ -63,11 +63,11 @@ def save_epoch(
 ) -> None:
     """Write both checkpoints after an epoch.
 
-    ``<model>_still_pretraining.pth`` holds ``model`` (SparK state), ``optimizer``,
+    ``<model>_still_pretraining.pth`` contains ``model`` (SparK state), ``optimizer``,
     ``epoch`` (the number of completed epochs, where a resumed run starts),
     ``loss`` (the epoch's mean), ``args`` and ``rng_states`` (each rank's CPU
     generator state, so a resumed run draws the masks an uninterrupted run would).
-    ``<model>_1kpretrained.pth`` holds ``arch``, ``module`` (the encoder's
+    ``<model>_1kpretrained.pth`` contains ``arch``, ``module`` (the encoder's
     ``state_dict()``, loadable with ``strict=True`` into
     ``timm.create_model(arch, num_classes=0)``) and ``is_pretrain``.
     """
@@ -102,7 +102,7 @@ def resume(path: str, model_name: str, spark: SparK, optimizer: torch.optim.Opti
         )
     saved_model = checkpoint.get("args", {}).get("model", model_name)
     if saved_model != model_name:
-        raise CheckpointError(f"{path!r} holds a {saved_model} model, not {model_name}; pass --model={saved_model}")
+        raise CheckpointError(f"{path!r} contains a {saved_model} model, not {model_name}; pass --model={saved_model}")
 
     load_weights(spark, checkpoint["model"], path)
     try:
@@ -121,7 +121,7 @@ def initialize_weights(path: str, spark: SparK) -> str:
     if "module" in checkpoint:
         load_weights(spark.encoder, checkpoint["module"], path)
         return "encoder"
-    raise CheckpointError(f"{path!r} holds neither 'model' nor 'module' weights; give a checkpoint of this trainer")
+    raise CheckpointError(f"{path!r} contains neither 'model' nor 'module' weights; give a checkpoint of this trainer")
 
 
 def load_weights(module: nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:

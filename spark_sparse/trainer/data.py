@@ -89,7 +89,7 @@ def load_rgb(path: Path) -> Image.Image:
     Written out rather than torchvision's ``pil_loader`` because PIL's
     ``convert("RGB")`` clips 16-bit and 32-bit images at 255: those are scaled
     to 0..255 first (16-bit by 255/65535, others by their maximum when it
-    exceeds 255). Palette images with transparency go through RGBA, as PIL asks.
+    exceeds 255). Palette images with transparency go through RGBA, as PIL's warning recommends.
     """
     with open(path, "rb") as file:
         image = Image.open(file)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class World:
-    """Where this process sits: its global rank, the number of processes, and its device."""
+    """This process's place in the job: global rank, number of processes, local rank and device."""
 
     rank: int
     world_size: int
@@ -43,6 +43,8 @@ def init_world() -> Iterator[World]:
     Each process uses GPU ``LOCAL_RANK`` when CUDA is available (NCCL), else the
     CPU (gloo), one rank per process. Without torchrun's variables, the block runs
     as a single process with no process group.
+
+    NOTE: the tests run only the CPU and gloo path; the GPU and NCCL path is untested.
     """
     rank = int(os.environ.get("RANK", "0"))
     world_size = world_size_from_env()

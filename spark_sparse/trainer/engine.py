@@ -33,7 +33,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class EpochStats:
-    """What one epoch measured: the mean and last loss over all ranks, and its duration in seconds."""
+    """Measurements of one epoch: mean and last loss over all ranks, duration in seconds, throughput."""
 
     mean_loss: float
     last_loss: float

@@ -55,11 +55,11 @@ def rank_logging(is_main: bool, rank: int, out_dir: Path) -> Iterator[Optional[C
     """Set up output for the block; yield rank 0's rich console, or None on other ranks.
 
     On rank 0, ``sys.stdout`` and ``sys.stderr`` also write to ``stdout_backup.txt``
-    and ``stderr_backup.txt`` (appended across runs), log records go to a rich
-    handler on the terminal and as plain lines to ``stdout_backup.txt``, and the
-    returned console (progress bars) writes to the terminal only, so the copy holds
-    no cursor movements. Other ranks log warnings and errors to stderr, prefixed
-    with their rank. Everything is restored when the block ends.
+    and ``stderr_backup.txt`` (appended across runs). Log records go to a rich
+    handler on the terminal and, as plain lines, to ``stdout_backup.txt``. The
+    returned console (progress bars) writes to the terminal only, so the copy
+    contains no cursor movements. Other ranks log warnings and errors to stderr,
+    prefixed with their rank. Everything is restored when the block ends.
     """
     logger.setLevel(logging.INFO)
     logger.propagate = False
