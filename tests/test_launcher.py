@@ -66,6 +66,7 @@ def test_batch_not_divisible_one_line(tmp_path):
         (["x", "--num_nodes=2", "--node_rank=2", "--master_address=10.0.0.1"], "--node_rank 2 is not below"),
         (["x", "--exp_name=y"], "give the experiment name as the first argument"),
         (["x", "--model=resnet7"], "run.sh: error: argument --model: unknown model 'resnet7'; choose one of: resnet18"),
+        (["x", "--input_size=100,64"], "run.sh: error: invalid --input_size: input size 100 is not a positive multiple"),
     ],
 )
 def test_launcher_rejects_bad_input(args, expected, tmp_path):

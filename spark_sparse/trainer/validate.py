@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from ..models import create_dense_model, downsample_ratio_of, parse_input_size
 from .args import parse_args
 
 
@@ -29,9 +30,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             options.append(arg)
 
     try:
-        parse_args(options, world_size, prog="run.sh")
+        args = parse_args(options, world_size, prog="run.sh")
     except SystemExit as exit_request:
         return int(exit_request.code or 0)
+
+    # The image size must be a multiple of the model's stride, which only the model knows.
+    ratio = downsample_ratio_of(create_dense_model(args.model))
+    try:
+        parse_input_size(args.input_size, ratio)
+    except ValueError as error:
+        sys.stderr.write(f"run.sh: error: invalid --input_size: {error}\n")
+        return 2
     return 0
 
 
