@@ -350,3 +350,17 @@ def test_no_weight_decay_on_bias_norm_tokens():
     assert "decoder.proj.bias" in no_decay_names
     assert {f"mask_tokens.{i}" for i in range(4)} <= no_decay_names
     assert not any(name.endswith(".bias") for name in decay_names)
+
+
+def test_crash_traceback_copied(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "broken.jpg").write_text("not a JPEG")
+    out_dir = tmp_path / "out"
+
+    with pytest.raises(OSError, match="cannot identify image file"):
+        main(["--exp_name=crash", f"--exp_dir={out_dir}", f"--data_path={data}", "--ep=1", *TINY])
+
+    copy = (out_dir / "stderr_backup.txt").read_text()
+    assert copy.startswith("Traceback (most recent call last):")
+    assert "PIL.UnidentifiedImageError: cannot identify image file" in copy

@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import IO, Iterator, Optional, Tuple
 
@@ -59,7 +60,8 @@ def rank_logging(is_main: bool, rank: int, out_dir: Path) -> Iterator[Optional[C
     handler on the terminal and, as plain lines, to ``stdout_backup.txt``. The
     returned console (progress bars) writes to the terminal only, so the copy
     contains no cursor movements. Other ranks log warnings and errors to stderr,
-    prefixed with their rank. Everything is restored when the block ends.
+    prefixed with their rank. Everything is restored when the block ends, and the
+    traceback of an exception leaving the block is copied to ``stderr_backup.txt``.
     """
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -89,6 +91,10 @@ def rank_logging(is_main: bool, rank: int, out_dir: Path) -> Iterator[Optional[C
         sys.stderr = TeeStream(terminal_err, stderr_copy)
         try:
             yield console
+        except Exception:
+            # Python prints the traceback only after sys.stderr is restored, so copy it here.
+            stderr_copy.write(traceback.format_exc())
+            raise
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
