@@ -34,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_request:
         return int(exit_request.code or 0)
 
-    # The image size must be a multiple of the model's stride, which only the model knows.
+    # The image size must be a multiple of the stride, which is read from the timm model itself.
     ratio = downsample_ratio_of(create_dense_model(args.model))
     try:
         parse_input_size(args.input_size, ratio)
