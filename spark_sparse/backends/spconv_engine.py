@@ -39,7 +39,9 @@ def runs_on(features: torch.Tensor) -> bool:
 
     spconv 2.3.8's CPU kernels give wrong values with more than one intra-op
     thread and its CPU backward calls ``torch.cuda.current_stream()``, so the CPU
-    path never uses them.
+    path never uses them. On one thread its ``SubMConv2d`` forward measured 16 / 8 /
+    6 / 5 ms against 33 / 14 / 11 / 14 ms for the gather-GEMM at C = 64 / 128 / 256 / 512
+    (B=8, 224x224 images, 40 % density, a loaded 2-core x86-64 CPU).
     """
     return features.is_cuda and is_available()
 
