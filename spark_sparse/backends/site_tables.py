@@ -39,9 +39,10 @@ class Scale:
         return self.rows.shape[0]
 
 
-def conv_output_size(size: Size2d, kernel: int, stride: int, padding: int) -> Size2d:
-    """Return the output ``(H, W)`` of a convolution or pooling window without dilation or ceil mode."""
-    return tuple((side + 2 * padding - kernel) // stride + 1 for side in size)  # type: ignore[return-value]
+def conv_output_size(size: Size2d, kernel: int, stride: int, padding: int, dilation: int = 1) -> Size2d:
+    """Return the output ``(H, W)`` of a convolution or pooling window without ceil mode."""
+    span = dilation * (kernel - 1) + 1
+    return tuple((side + 2 * padding - span) // stride + 1 for side in size)  # type: ignore[return-value]
 
 
 class SparseSites(ActiveSites):
@@ -89,7 +90,7 @@ class SparseSites(ActiveSites):
         """Return the active sites of the feature map at ``stride``."""
         return self.cached(("scale", stride), lambda: self._build_scale(stride))
 
-    def neighbours(self, in_stride: int, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    def neighbours(self, in_stride: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> torch.Tensor:
         """Return the ``(N_out, kernel * kernel)`` neighbour table of a ``kernel x kernel`` window.
 
         Row ``i`` lists, in ``(ky, kx)`` order, the input row under each tap of
@@ -98,9 +99,10 @@ class SparseSites(ActiveSites):
         a tap in the padding contains ``N_in + 1``, so callers append one row for
         each: two zero rows for a convolution, a zero and a ``-inf`` row for max
         pooling. The output sites are exactly the next scale's active sites.
+        Taps lie ``dilation`` sites apart.
         """
-        key = ("neighbours", in_stride, kernel, stride, padding)
-        return self.cached(key, lambda: self._build_neighbours(in_stride, kernel, stride, padding))
+        key = ("neighbours", in_stride, kernel, stride, padding, dilation)
+        return self.cached(key, lambda: self._build_neighbours(in_stride, kernel, stride, padding, dilation))
 
     def _build_scale(self, stride: int) -> Scale:
         size = self.size_at(stride)
@@ -111,14 +113,14 @@ class SparseSites(ActiveSites):
         batch_index = torch.div(rows, size[0] * size[1], rounding_mode="floor")
         return Scale(size=size, rows=rows, index_grid=index_grid, batch_index=batch_index)
 
-    def _build_neighbours(self, in_stride: int, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    def _build_neighbours(self, in_stride: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> torch.Tensor:
         source = self.scale(in_stride)
         height, width = source.size
-        out_size = conv_output_size(source.size, kernel, stride, padding)
+        out_size = conv_output_size(source.size, kernel, stride, padding, dilation)
         target = self.scale(in_stride * stride)
         if out_size != target.size:
             raise ValueError(
-                f"a {kernel}x{kernel} window with stride {stride} and padding {padding} maps "
+                f"a {kernel}x{kernel} window with stride {stride}, padding {padding} and dilation {dilation} maps "
                 f"{height}x{width} to {out_size[0]}x{out_size[1]}, not to the next scale's "
                 f"{target.size[0]}x{target.size[1]}"
             )
@@ -129,7 +131,7 @@ class SparseSites(ActiveSites):
         within = target.rows - batch * (out_height * out_width)
         out_y = torch.div(within, out_width, rounding_mode="floor")
         out_x = within - out_y * out_width
-        taps = torch.arange(kernel, device=batch.device)
+        taps = torch.arange(kernel, device=batch.device) * dilation
         in_y = (out_y * stride - padding)[:, None, None] + taps[None, :, None]
         in_x = (out_x * stride - padding)[:, None, None] + taps[None, None, :]
 

@@ -111,7 +111,7 @@ class SparseConv2d(nn.Conv2d):
         if kernel == 1 and stride == 1 and padding == 0:
             return F.linear(x, self.weight.flatten(1), self.bias)
 
-        key = (self.in_stride, kernel, stride, padding)
+        key = (self.in_stride, kernel, stride, padding, self.dilation[0])
         neighbours = self.sites.neighbours(*key)
         if spconv_engine.runs_on(x):
             num_inputs = x.shape[0]
@@ -231,12 +231,17 @@ def convert_conv(conv: nn.Conv2d, context: BuildContext) -> nn.Module:
     kernel = _square(conv.kernel_size, "kernel_size", context)
     stride = _square(conv.stride, "stride", context)
     padding = _square(conv.padding, "padding", context)
-    if _square(conv.dilation, "dilation", context) != 1 or conv.groups != 1 or conv.padding_mode != "zeros":
+    dilation = _square(conv.dilation, "dilation", context)
+    if conv.padding_mode != "zeros":
         raise UnsupportedLayerError(
-            f"convolution at '{context.path}' has dilation={conv.dilation}, groups={conv.groups}, "
-            f"padding_mode={conv.padding_mode!r}; the spconv backend supports only dilation 1, "
-            f"groups 1 and zero padding (use the masked backend for this model)"
+            f"convolution at '{context.path}' has padding_mode={conv.padding_mode!r}; the spconv backend "
+            f"supports only zero padding (use the masked backend for this model)"
         )
+    if conv.groups != 1:
+        # Imported here because the grouped layer subclasses SparseConv2d from this module.
+        from .layers.grouped_conv import convert_grouped_conv
+
+        return convert_grouped_conv(conv, context)
 
     layer = SparseConv2d(
         conv.in_channels,
@@ -244,6 +249,7 @@ def convert_conv(conv: nn.Conv2d, context: BuildContext) -> nn.Module:
         kernel,
         stride=stride,
         padding=padding,
+        dilation=dilation,
         bias=conv.bias is not None,
         device=conv.weight.device,
         dtype=conv.weight.dtype,

@@ -1,0 +1,116 @@
+"""Grouped and depthwise submanifold convolution for the spconv backend.
+
+spconv has no grouped convolution (it asserts ``groups == 1``), so these layers
+compute in PyTorch from the backend's neighbour tables, on the CPU and on CUDA
+alike. A depthwise convolution multiplies each tap's ``(N, C)`` neighbour rows
+by that tap's ``(C,)`` weights and sums over the taps. Its autograd function keeps
+only the input rows for the backward pass, not the ``(N, K, C)`` gathered taps.
+Any other grouped convolution gathers one ``(N, K * C_in)`` matrix and runs one
+batched matrix product per group.
+
+NOTE: a 7x7 depthwise layer (B=8, C=96, 56x56 map, 40 % of sites active, forward
+plus backward, 1 thread, 2-core x86-64 CPU) took 172 ms per tap here, 1750 ms with
+one ``(N, 49, C)`` gather, and 83 ms as a dense channels-last convolution times
+the mask, so on the CPU the depthwise layer is slower than the masked backend's.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..registry import BuildContext
+from ..sparse import SparseConv2d, _check_rows, _input_stride, _square
+
+
+class DepthwiseConvFunction(torch.autograd.Function):
+    """Depthwise convolution of ``(N_in, C)`` rows over a tap-major ``(K, N_out)`` neighbour table.
+
+    Entries ``N_in`` and ``N_in + 1`` of the table (a hidden or a padding tap)
+    read zero. ``weight_by_tap`` is ``(K, C)``; the result is ``(N_out, C)``.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight_by_tap: torch.Tensor, neighbours_by_tap: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat([rows, rows.new_zeros(2, rows.shape[1])])
+        out = rows.new_zeros(neighbours_by_tap.shape[1], rows.shape[1])
+        for tap in range(neighbours_by_tap.shape[0]):
+            out.addcmul_(padded.index_select(0, neighbours_by_tap[tap]), weight_by_tap[tap])
+        ctx.save_for_backward(padded, weight_by_tap, neighbours_by_tap)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, None]:
+        padded, weight_by_tap, neighbours_by_tap = ctx.saved_tensors
+        grad_padded = torch.zeros_like(padded)
+        grad_weight = torch.empty_like(weight_by_tap)
+        for tap in range(neighbours_by_tap.shape[0]):
+            index = neighbours_by_tap[tap]
+            grad_padded.index_add_(0, index, grad_out * weight_by_tap[tap])
+            grad_weight[tap] = (padded.index_select(0, index) * grad_out).sum(dim=0)
+        return grad_padded[:-2], grad_weight, None
+
+
+def depthwise_conv_rows(rows: torch.Tensor, weight: torch.Tensor, neighbours_by_tap: torch.Tensor) -> torch.Tensor:
+    """Convolve ``(N_in, C)`` rows with a ``(C, 1, kh, kw)`` depthwise weight; return ``(N_out, C)`` rows."""
+    weight_by_tap = weight.flatten(1).t()
+    return DepthwiseConvFunction.apply(rows, weight_by_tap, neighbours_by_tap)
+
+
+def grouped_conv_rows(rows: torch.Tensor, weight: torch.Tensor, neighbours: torch.Tensor, groups: int) -> torch.Tensor:
+    """Convolve ``(N_in, C_in)`` rows with a ``(C_out, C_in / groups, kh, kw)`` weight; return ``(N_out, C_out)`` rows.
+
+    The gathered ``(N_out, K, C_in)`` taps are split into ``groups`` matrices of
+    ``(N_out, K * C_in / groups)``, each multiplied by its group's weight.
+    """
+    out_channels, group_in = weight.shape[:2]
+    group_out = out_channels // groups
+    num_outputs, taps = neighbours.shape
+    padded = torch.cat([rows, rows.new_zeros(2, rows.shape[1])])
+
+    columns = padded.index_select(0, neighbours.reshape(-1)).view(num_outputs, taps, groups, group_in)
+    columns = columns.permute(2, 0, 1, 3).reshape(groups, num_outputs, taps * group_in)
+    weight_by_group = weight.view(groups, group_out, group_in, taps).permute(0, 3, 2, 1)
+    out = torch.bmm(columns, weight_by_group.reshape(groups, taps * group_in, group_out))
+    return out.permute(1, 0, 2).reshape(num_outputs, out_channels)
+
+
+class SparseGroupedConv2d(SparseConv2d):
+    """Grouped ``Conv2d`` (depthwise included) from the active sites of one scale to those of the next."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = self._gather_dense(x)
+        _check_rows(x, self)
+
+        key = (self.in_stride, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
+        neighbours = self.sites.neighbours(*key)
+        if self.groups == self.in_channels == self.out_channels:
+            by_tap = self.sites.cached(("neighbours_by_tap",) + key, lambda: neighbours.t().contiguous())
+            out = depthwise_conv_rows(x, self.weight, by_tap)
+        else:
+            out = grouped_conv_rows(x, self.weight, neighbours, self.groups)
+        return out if self.bias is None else out + self.bias
+
+
+def convert_grouped_conv(conv: nn.Conv2d, context: BuildContext) -> nn.Module:
+    """Convert a grouped ``Conv2d``; the spconv backend's ``Conv2d`` converter calls it when ``groups > 1``."""
+    layer = SparseGroupedConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        _square(conv.kernel_size, "kernel_size", context),
+        stride=_square(conv.stride, "stride", context),
+        padding=_square(conv.padding, "padding", context),
+        dilation=_square(conv.dilation, "dilation", context),
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    layer.load_state_dict(conv.state_dict())
+    layer.sites = context.sites
+    layer.in_stride = _input_stride(context)
+    return layer
