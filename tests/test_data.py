@@ -84,13 +84,14 @@ def test_image_modes_load_as_rgb(tmp_path, mode):
     assert Image.open(path).mode == mode
 
     image = load_rgb(path)
-    tensor = ImageFiles([path], build_transform((64, 96)))[0]
+    tensor, skipped = ImageFiles([path], build_transform((64, 96)))[(0, 7)]
 
     assert image.mode == "RGB"
     assert image.size == (40, 30)
     assert tensor.shape == (3, 64, 96)
     assert tensor.dtype == torch.float32
     assert torch.isfinite(tensor).all()
+    assert skipped == []
 
 
 def test_palette_transparency_keeps_colours(tmp_path):
@@ -136,7 +137,7 @@ def test_bundled_photos_written_once(tmp_path):
 def test_sampler_repeats_small_dataset():
     sampler = RepeatingBatchSampler(dataset_size=5, global_batch=12, rank=0, world_size=1, seed=3)
 
-    batches = list(sampler)
+    batches = [[index for index, _ in batch] for batch in sampler]
 
     assert len(sampler) == 1
     assert len(batches) == 1
@@ -150,7 +151,7 @@ def test_sampler_covers_every_image_per_epoch():
     for epoch in range(3):
         sampler.set_epoch(epoch)
         batches = list(sampler)
-        indices = [index for batch in batches for index in batch]
+        indices = [index for batch in batches for index, _ in batch]
 
         assert len(batches) == 3
         assert all(len(batch) == 4 for batch in batches)
@@ -192,4 +193,5 @@ def test_loader_yields_local_batches(tmp_path):
     batches = list(loader)
 
     assert len(batches) == 1
-    assert batches[0].shape == (4, 3, 64, 32)
+    assert batches[0][0].shape == (4, 3, 64, 32)
+    assert batches[0][1] == []

@@ -77,7 +77,13 @@ def build_parser(prog: str = "main.py") -> ArgumentParser:
     )
     add("--init_weight", default="", help="checkpoint whose model weights initialise the run (no optimizer state)")
     add("--resume_from", default="", help="<model>_still_pretraining.pth to continue from: weights, optimizer, epoch")
-    add("--seed", type=int, default=0, help="random seed; rank r uses seed + r for masks and augmentation")
+    add("--seed", type=int, default=0, help="random seed of the data order, augmentation and masks (rank r seeds drop path with seed + r)")
+    add(
+        "--save_every_iters",
+        type=int,
+        default=0,
+        help="also write the still-pretraining checkpoint every this many iterations inside an epoch; 0: only after each epoch",
+    )
 
     # Model.
     add("--model", type=parse_model, default="resnet50", help=f"timm model: {', '.join(SUPPORTED_MODELS)}")
@@ -92,6 +98,12 @@ def build_parser(prog: str = "main.py") -> ArgumentParser:
     # Data.
     add("--bs", type=int, default=4096, help="global batch size in images, summed over all processes")
     add("--dataloader_workers", type=int, default=8, help="data loading worker processes per training process")
+    add(
+        "--vis_every",
+        type=int,
+        default=10,
+        help="write a reconstruction grid of fixed images to reconstructions/ every this many epochs and after the last; 0: never",
+    )
 
     # Optimisation.
     add("--base_lr", type=float, default=2e-4, help="learning rate per 256 images; peak lr = base_lr * bs / 256")
@@ -118,6 +130,10 @@ def check_values(parser: ArgumentParser, args: argparse.Namespace) -> None:
         parser.reject(f"invalid --bs {args.bs}; use a positive global batch size such as 4096")
     if args.dataloader_workers < 0:
         parser.reject(f"invalid --dataloader_workers {args.dataloader_workers}; use 0 (load in the main process) or more")
+    if args.vis_every < 0:
+        parser.reject(f"invalid --vis_every {args.vis_every}; use 0 (no grids) or a positive number of epochs")
+    if args.save_every_iters < 0:
+        parser.reject(f"invalid --save_every_iters {args.save_every_iters}; use 0 (after each epoch only) or a positive count")
     if args.ep < 1:
         parser.reject(f"invalid --ep {args.ep}; use a positive number of epochs")
     if args.wp_ep < 0:
@@ -138,6 +154,18 @@ def check_values(parser: ArgumentParser, args: argparse.Namespace) -> None:
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             parser.reject(f"--{name} {path!r} is not a file; give a checkpoint written by this trainer")
+    check_output_dir(parser, args.exp_dir or f"output_{args.exp_name}")
+
+
+def check_output_dir(parser: ArgumentParser, exp_dir: str) -> None:
+    """Reject an output directory that is not a directory or cannot be created or written (without creating it)."""
+    existing = os.path.abspath(exp_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        parser.reject(f"output directory {exp_dir!r} cannot be created because {existing!r} is not a directory; set --exp_dir to a writable folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.reject(f"output directory {exp_dir!r} is not writable ({existing!r} denies writing); set --exp_dir to a writable folder")
 
 
 def check_world_size(parser: ArgumentParser, args: argparse.Namespace, world_size: int) -> None:

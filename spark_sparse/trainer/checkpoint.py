@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -15,6 +18,11 @@ from ..spark import SparK
 
 class CheckpointError(ValueError):
     """A checkpoint file that does not fit the model or is not one this trainer wrote."""
+
+
+# Seconds to sleep between writing a checkpoint's temporary file and renaming it; only tests set
+# it, to kill a run in the middle of a write.
+WRITE_DELAY_ENV = "SPARK_SPARSE_TEST_CHECKPOINT_DELAY_S"
 
 
 def still_pretraining_path(out_dir: Path, model: str) -> Path:
@@ -39,6 +47,9 @@ def save_atomically(obj: Any, path: Path) -> None:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
+        delay_s = float(os.environ.get(WRITE_DELAY_ENV, "0"))
+        if delay_s > 0:
+            time.sleep(delay_s)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -59,14 +70,20 @@ def save_epoch(
     optimizer: torch.optim.Optimizer,
     epochs_done: int,
     loss: float,
-    rng_states: Optional[List[torch.Tensor]] = None,
+    rng_states: Optional[List[Dict[str, Any]]] = None,
+    iteration: int = 0,
+    loss_sum: float = 0.0,
+    global_iteration: Optional[int] = None,
 ) -> None:
-    """Write both checkpoints after an epoch.
+    """Write both checkpoints, after an epoch or in the middle of one.
 
     ``<model>_still_pretraining.pth`` contains ``model`` (SparK state), ``optimizer``,
-    ``epoch`` (the number of completed epochs, where a resumed run starts),
-    ``loss`` (the epoch's mean), ``args`` and ``rng_states`` (each rank's CPU
-    generator state, so a resumed run draws the masks an uninterrupted run would).
+    ``epoch`` (the number of completed epochs), ``iteration`` (iterations completed
+    in epoch ``epoch``, 0 at an epoch's end), ``loss_sum`` (their summed loss),
+    ``global_iteration`` (the schedule's clock), ``loss`` (the last epoch's mean),
+    ``args`` and ``rng_states`` (each rank's torch, numpy and Python generator
+    states, for drop path). A resumed run starts at iteration ``iteration`` of
+    epoch ``epoch``.
     ``<model>_1kpretrained.pth`` contains ``arch``, ``module`` (the encoder's
     ``state_dict()``, loadable with ``strict=True`` into
     ``timm.create_model(arch, num_classes=0)``) and ``is_pretrain``.
@@ -75,6 +92,9 @@ def save_epoch(
         "model": spark.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epochs_done,
+        "iteration": iteration,
+        "loss_sum": loss_sum,
+        "global_iteration": global_iteration,
         "loss": loss,
         "args": vars(args).copy(),
         "rng_states": rng_states,
@@ -86,23 +106,40 @@ def save_epoch(
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """Read a checkpoint on the CPU; raise :class:`CheckpointError` when it cannot be read."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} not found; give the path of a .pth file this trainer wrote")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
-        raise CheckpointError(f"cannot read checkpoint {path!r} ({error}); give a .pth file this trainer wrote") from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise CheckpointError(
+            f"cannot read checkpoint {path!r} ({reason}); the file is truncated or not a checkpoint, "
+            f"so give a .pth file this trainer wrote"
+        ) from None
+
+
+def check_still_pretraining(checkpoint: Any, path: str, model_name: str) -> None:
+    """Raise :class:`CheckpointError` unless ``checkpoint`` is a still-pretraining checkpoint of ``model_name``."""
+    if isinstance(checkpoint, dict) and "module" in checkpoint and "model" not in checkpoint:
+        raise CheckpointError(
+            f"{path!r} contains encoder weights only (a <model>_1kpretrained.pth file), so it cannot resume a run; "
+            f"pass it as --init_weight={path} to start from those weights"
+        )
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in ("model", "optimizer", "epoch")):
+        kind = "a bare state dict" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise CheckpointError(
+            f"{path!r} is {kind}, not a still-pretraining checkpoint (model, optimizer and epoch); "
+            f"give the <model>_still_pretraining.pth file of a run, or pass weights as --init_weight"
+        )
+    saved_model = checkpoint.get("args", {}).get("model", model_name)
+    if saved_model != model_name:
+        raise CheckpointError(f"{path!r} contains a {saved_model} model, not {model_name}; pass --model={saved_model}")
 
 
 def resume(path: str, model_name: str, spark: SparK, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
     """Restore model and optimizer state from ``path``; return the checkpoint (``epoch`` is where to start)."""
     checkpoint = load_checkpoint(path)
-    if not all(key in checkpoint for key in ("model", "optimizer", "epoch")):
-        raise CheckpointError(
-            f"{path!r} is not a still-pretraining checkpoint (no model, optimizer and epoch); "
-            f"give the <model>_still_pretraining.pth file of a run"
-        )
-    saved_model = checkpoint.get("args", {}).get("model", model_name)
-    if saved_model != model_name:
-        raise CheckpointError(f"{path!r} contains a {saved_model} model, not {model_name}; pass --model={saved_model}")
+    check_still_pretraining(checkpoint, path, model_name)
 
     load_weights(spark, checkpoint["model"], path)
     try:
@@ -115,6 +152,8 @@ def resume(path: str, model_name: str, spark: SparK, optimizer: torch.optim.Opti
 def initialize_weights(path: str, spark: SparK) -> str:
     """Load only model weights from ``path``: a full SparK state, or encoder weights (``module``); return which."""
     checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path!r} contains a {type(checkpoint).__name__}, not weights; give a checkpoint of this trainer")
     if "model" in checkpoint:
         load_weights(spark, checkpoint["model"], path)
         return "SparK model"

@@ -8,7 +8,7 @@ from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
@@ -123,8 +123,23 @@ def build_transform(input_size: Tuple[int, int]) -> transforms.Compose:
     )
 
 
+# (dataset index, augmentation seed): one entry of a batch the sampler yields.
+SampleKey = Tuple[int, int]
+
+# Errors of reading one image file: missing or unreadable (OSError), not an image or cut short
+# (PIL's UnidentifiedImageError and OSError), corrupt headers (SyntaxError, ValueError), too large.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
 class ImageFiles(Dataset):
-    """Image files loaded as RGB (grayscale, palette and alpha images are converted) and transformed."""
+    """Image files loaded as RGB (grayscale, palette and alpha images are converted) and transformed.
+
+    An item is a ``(index, seed)`` pair; it returns the transformed image and the
+    paths of unreadable files skipped on the way. The transform draws from a torch
+    generator seeded with ``seed``, so an image's augmentation depends only on the
+    sampler, not on the worker or the process that loads it. An unreadable file is
+    replaced by the next readable one in index order.
+    """
 
     def __init__(self, paths: Sequence[Path], transform) -> None:
         self.paths = list(paths)
@@ -133,8 +148,32 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(load_rgb(self.paths[index]))
+    def __getitem__(self, key: SampleKey) -> Tuple[torch.Tensor, List[str]]:
+        index, seed = key
+        skipped: List[str] = []
+        for offset in range(len(self.paths)):
+            path = self.paths[(index + offset) % len(self.paths)]
+            try:
+                image = load_rgb(path)
+            except UNREADABLE_IMAGE_ERRORS:
+                skipped.append(str(path))
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(image), skipped
+        raise ValueError(f"none of the {len(self.paths)} image files could be read; check the --data_path folder")
+
+
+def collate_images(items: List[Tuple[torch.Tensor, List[str]]]) -> Tuple[torch.Tensor, List[str]]:
+    """Stack a batch's images and join the paths of the unreadable files skipped for it."""
+    images = torch.stack([image for image, _ in items])
+    skipped = [path for _, paths in items for path in paths]
+    return images, skipped
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """Return the augmentation seed of the sample at ``position`` of epoch ``epoch``'s global order."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
 
 
 class RepeatingBatchSampler(Sampler[List[int]]):
@@ -160,22 +199,28 @@ class RepeatingBatchSampler(Sampler[List[int]]):
         self.rank = rank
         self.seed = seed
         self.epoch = 0
+        self.start_iteration = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the shuffle of ``epoch``; call before iterating."""
+    def set_epoch(self, epoch: int, start_iteration: int = 0) -> None:
+        """Choose the shuffle of ``epoch`` and the first batch to yield; call before iterating."""
         self.epoch = epoch
+        self.start_iteration = start_iteration
 
     def __len__(self) -> int:
         return math.ceil(self.dataset_size / self.global_batch)
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[List[SampleKey]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         needed = len(self) * self.global_batch
         passes = [torch.randperm(self.dataset_size, generator=generator) for _ in range(math.ceil(needed / self.dataset_size))]
         order = torch.cat(passes)[:needed].view(len(self), self.global_batch)
         start = self.rank * self.local_batch
-        for batch in order[:, start : start + self.local_batch]:
-            yield batch.tolist()
+        for iteration in range(self.start_iteration, len(self)):
+            columns = range(start, start + self.local_batch)
+            yield [
+                (int(order[iteration, column]), sample_seed(self.seed, self.epoch, iteration * self.global_batch + column))
+                for column in columns
+            ]
 
 
 def build_loader(
@@ -188,13 +233,19 @@ def build_loader(
     seed: int,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Build the loader of this rank's batches; call ``loader.batch_sampler.set_epoch(e)`` each epoch."""
+    """Build the loader of this rank's ``(images, skipped paths)`` batches; call ``loader.batch_sampler.set_epoch(e)``.
+
+    The loader gets its own generator, so starting an epoch draws nothing from the
+    global torch generator (which drop path uses).
+    """
     dataset = ImageFiles(paths, build_transform(input_size))
     sampler = RepeatingBatchSampler(len(dataset), global_batch, rank, world_size, seed)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
+        collate_fn=collate_images,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )

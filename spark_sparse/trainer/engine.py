@@ -5,8 +5,9 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, List, Optional
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -14,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .distributed import World, all_reduce_mean
+from .metrics import IterationHook, measure_grad_norm
 from .schedule import Schedule
 
 
@@ -33,12 +35,49 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class EpochStats:
-    """Measurements of one epoch: mean and last loss over all ranks, duration in seconds, throughput."""
+    """Measurements of one epoch: mean and last loss over all ranks, duration in seconds, throughput.
+
+    ``iterations_done`` is below the epoch's length when ``after_step`` stopped it
+    early; ``loss_sum`` sums the per-iteration losses of the whole epoch so far, and
+    ``skipped`` lists this rank's unreadable image files met in the epoch.
+    """
 
     mean_loss: float
     last_loss: float
     seconds: float
     images_per_second: float
+    iterations: int
+    iterations_done: int
+    loss_sum: float
+    skipped: List[str]
+
+    @property
+    def stopped(self) -> bool:
+        """True when the epoch ended before its last iteration."""
+        return self.iterations_done < self.iterations
+
+
+# Called after each optimizer step with (iterations done in the epoch, loss sum so far);
+# returns True to end the epoch there.
+AfterStep = Callable[[int, float], bool]
+
+
+def mask_seed(seed: int, epoch: int, iteration: int) -> int:
+    """Return the seed of the masks of one iteration's global batch."""
+    return int(np.random.SeedSequence([seed, epoch, iteration, 1]).generate_state(1)[0])
+
+
+def draw_local_mask(spark: nn.Module, seed: int, epoch: int, iteration: int, global_batch: int, world: World) -> torch.Tensor:
+    """Draw the masks of the whole global batch and return this rank's rows of them.
+
+    So rank ``r`` of ``W`` uses the masks one process would use for the same rows,
+    whatever the world size, and a resumed run draws the masks it would have drawn.
+    """
+    generator = torch.Generator().manual_seed(mask_seed(seed, epoch, iteration))
+    active = spark.mask(global_batch, generator=generator)
+    local_batch = global_batch // world.world_size
+    start = world.rank * local_batch
+    return active[start : start + local_batch].to(world.device)
 
 
 @contextlib.contextmanager
@@ -73,6 +112,11 @@ def train_one_epoch(
     clip: float,
     world: World,
     console: Optional[Console] = None,
+    seed: int = 0,
+    start_iteration: int = 0,
+    loss_sum: float = 0.0,
+    after_step: Optional[AfterStep] = None,
+    on_iteration: Optional[IterationHook] = None,
 ) -> EpochStats:
     """Train ``model`` (the SparK module, DDP-wrapped when distributed) for epoch ``epoch`` (0-based).
 
@@ -80,38 +124,59 @@ def train_one_epoch(
     a freshly drawn mask, averages it over ranks, and raises
     :class:`NonFiniteLossError` before the optimizer step when it is not finite,
     so every rank stops together and the weights keep their last finite values.
+    ``on_iteration`` receives each step's loss, lr, wd, gradient norm and images per second.
+    Masks come from :func:`draw_local_mask` with ``seed``. A resumed epoch starts at
+    ``start_iteration`` with the ``loss_sum`` of the iterations before it; the
+    loader's sampler must skip the same batches.
     """
     model.train()
+    spark = getattr(model, "module", model)
     iterations = len(loader)
     params = [param for param in model.parameters() if param.requires_grad]
     global_batch = loader.batch_sampler.global_batch
-    loss_sum, last_loss = 0.0, float("nan")
+    last_loss = float("nan")
+    skipped: List[str] = []
+    iterations_done = iterations
     start = time.perf_counter()
+    iteration_end = start
 
     with epoch_progress(console, epoch + 1, epochs, iterations) as advance:
-        for iteration, images in enumerate(loader):
-            lr, _ = schedule.apply(optimizer, epoch * iterations + iteration)
+        for iteration, (images, skipped_here) in enumerate(loader, start=start_iteration):
+            lr, wd = schedule.apply(optimizer, epoch * iterations + iteration)
             images = images.to(world.device, non_blocking=True)
+            skipped.extend(skipped_here)
 
-            loss = model(images)
+            active = draw_local_mask(spark, seed, epoch, iteration, global_batch, world)
+            loss = model(images, active)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
 
             last_loss = all_reduce_mean(loss.detach(), world).item()
             if not math.isfinite(last_loss):
                 raise NonFiniteLossError(epoch + 1, iteration + 1, lr, last_loss)
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip)
+            grad_norm = measure_grad_norm(params, clip)
             optimizer.step()
 
             loss_sum += last_loss
             elapsed = time.perf_counter() - start
-            advance(loss=last_loss, lr=lr, speed=global_batch * (iteration + 1) / elapsed)
+            advance(loss=last_loss, lr=lr, speed=global_batch * (iteration + 1 - start_iteration) / elapsed)
+            if on_iteration is not None:
+                now = time.perf_counter()
+                values = {"loss": last_loss, "lr": lr, "wd": wd, "grad_norm": grad_norm}
+                on_iteration(epoch * iterations + iteration, {**values, "images_per_second": global_batch / (now - iteration_end)})
+                iteration_end = now
+            if after_step is not None and after_step(iteration + 1, loss_sum):
+                iterations_done = iteration + 1
+                break
 
     seconds = time.perf_counter() - start
     return EpochStats(
-        mean_loss=loss_sum / iterations,
+        mean_loss=loss_sum / max(1, iterations_done),
         last_loss=last_loss,
         seconds=seconds,
-        images_per_second=global_batch * iterations / seconds,
+        images_per_second=global_batch * (iterations_done - start_iteration) / max(seconds, 1e-9),
+        iterations=iterations,
+        iterations_done=iterations_done,
+        loss_sum=loss_sum,
+        skipped=skipped,
     )

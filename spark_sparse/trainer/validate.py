@@ -10,8 +10,11 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from ..masking import num_visible_patches
 from ..models import create_dense_model, downsample_ratio_of, parse_input_size
 from .args import parse_args
+from .checkpoint import CheckpointError, check_still_pretraining, load_checkpoint
+from .data import find_images
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -37,9 +40,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # The image size must be a multiple of the stride, which is read from the timm model itself.
     ratio = downsample_ratio_of(create_dense_model(args.model))
     try:
-        parse_input_size(args.input_size, ratio)
+        height, width = parse_input_size(args.input_size, ratio)
     except ValueError as error:
         sys.stderr.write(f"run.sh: error: invalid --input_size: {error}\n")
+        return 2
+
+    # The same checks the workers make, here so that they end in one line before torchrun starts.
+    try:
+        num_visible_patches((height // ratio, width // ratio), args.mask)
+        if args.data_path:
+            find_images(args.data_path)
+        if args.resume_from:
+            check_still_pretraining(load_checkpoint(args.resume_from), args.resume_from, args.model)
+    except (CheckpointError, ValueError) as error:
+        sys.stderr.write(f"run.sh: error: {error}\n")
         return 2
     return 0
 
