@@ -3,16 +3,23 @@
 Both backends normalise the rows of active sites only. ``torch.nn.SyncBatchNorm``
 rejects CPU tensors (torch 2.14), and ranks hold different numbers of active
 sites, so the synchronised form here all-reduces per-rank sums and counts with
-``torch.distributed.nn.functional.all_reduce``, which is differentiable and runs
-under gloo and NCCL alike.
+``torch.distributed._functional_collectives.all_reduce``, which runs under gloo and
+NCCL alike. Its registered backward all-reduces the gradient with the same sum, so
+the gradient of a summed all-reduce is the all-reduced gradient. torch 2.14 names it
+as the replacement of the deprecated ``torch.distributed.nn.functional.all_reduce``.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as functional_collectives
 import torch.nn.functional as F
 from torch import nn
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Return the sum of ``tensor`` over the default process group, differentiably."""
+    return functional_collectives.all_reduce(tensor, "sum", dist.group.WORLD)
 
 
 def _distributed_world() -> bool:
@@ -49,11 +56,11 @@ def batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor, syn
     # Two all-reduces (sum and count, then the centred sum of squares) are more
     # accurate than E[x^2] - E[x]^2 in one.
     count = torch.tensor([float(rows.shape[0])], dtype=rows.dtype, device=rows.device)
-    totals = dist_fn.all_reduce(torch.cat([rows.sum(0), count]))
+    totals = _all_reduce_sum(torch.cat([rows.sum(0), count]))
     total_count = totals[-1]
     mean = totals[:-1] / total_count
     centred = rows - mean
-    var = dist_fn.all_reduce(centred.square().sum(0)) / total_count
+    var = _all_reduce_sum(centred.square().sum(0)) / total_count
 
     if bn.track_running_stats:
         with torch.no_grad():
