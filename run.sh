@@ -81,7 +81,8 @@ export PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -m spark_sparse.trainer.validate --world_size="$((num_nodes * ngpu_per_node))" \
   --exp_name="$exp_name" ${trainer_args[@]+"${trainer_args[@]}"}
 
-launcher=("$PYTHON" -m torch.distributed.run --nnodes="$num_nodes" --nproc_per_node="$ngpu_per_node")
+# The wrapper runs torchrun and ends a failed job with one line instead of a traceback.
+launcher=("$PYTHON" -m spark_sparse.trainer.launch --nnodes="$num_nodes" --nproc_per_node="$ngpu_per_node")
 if [ "$num_nodes" -eq 1 ] && [ -z "$master_address" ]; then
   # One node: torchrun picks a free port itself.
   launcher+=(--standalone)
