@@ -32,6 +32,8 @@ OUTPUT_FILES = {
     "pretrain_log.txt",
     "stdout_backup.txt",
     "stderr_backup.txt",
+    "metrics.jsonl",
+    "loss_curve.png",
 }
 
 
@@ -64,7 +66,7 @@ def test_demo_writes_outputs(tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert {path.name for path in out_dir.iterdir() if path.is_file()} == OUTPUT_FILES
-    assert [path.name for path in out_dir.iterdir() if path.is_dir()] == ["bundled_photos"]
+    assert sorted(path.name for path in out_dir.iterdir() if path.is_dir()) == ["bundled_photos", "reconstructions"]
 
     header, *epochs = log_lines(out_dir)
     assert header["name"] == "demo"
