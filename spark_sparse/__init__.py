@@ -23,12 +23,17 @@ def build_spark(
     sync_bn: bool = False,
     decoder_width: int = 768,
     densify_norm: str = "",
+    output_stride: int = 32,
 ) -> SparK:
     """Build the full SparK model for timm model ``model``; calling it returns the scalar loss.
 
-    ``densify_norm`` defaults to the family's choice ("bn" for ResNets).
+    ``densify_norm`` defaults to the family's choice ("bn" for ResNets, "ln" for
+    ConvNeXts). ``output_stride`` 16 or 8 dilates the encoder's last stages and
+    shrinks the mask patches to match.
     """
-    encoder = build_encoder(model, input_size, backend, drop_path_rate=drop_path_rate, sync_bn=sync_bn)
+    encoder = build_encoder(
+        model, input_size, backend, drop_path_rate=drop_path_rate, sync_bn=sync_bn, output_stride=output_stride
+    )
     decoder = LightDecoder(encoder.downsample_ratio, width=decoder_width, sync_bn=sync_bn)
     norm = densify_norm or model_family(model).densify_norm
     return SparK(encoder, decoder, mask_ratio=mask_ratio, densify_norm=norm, sync_bn=sync_bn)

@@ -1,13 +1,15 @@
 """The SparK model: mask, encode, densify, decode, and the loss on hidden patches."""
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
-from timm.layers import trunc_normal_
+from timm.layers import LayerNorm2d, trunc_normal_
 from torch import nn
 
 from .backends.encoder import SparseEncoder
+from .backends.layers.convnext import masked_layer_norm_2d
 from .backends.masked import masked_batch_norm_from
 from .decoder import LightDecoder
 from .masking import ActiveSites, draw_mask, num_visible_patches, upsample_mask
@@ -39,32 +41,46 @@ class SparK(nn.Module):
         self.densify_norm = densify_norm
         self.sites = ActiveSites()
 
-        # One mask token, norm and projection per scale, smallest scale first.
+        # One mask token, norm and projection per feature, smallest scale first. Each
+        # feature feeds the decoder block of its scale, so features that share a scale
+        # (the dilated stages of an output-stride-16 model) are projected to that
+        # block's width and summed there.
+        self.decoder_blocks = [self._decoder_block_of(stride) for stride in reversed(encoder.feature_strides)]
         self.mask_tokens = nn.ParameterList()
         self.densify_norms = nn.ModuleList()
         self.densify_projs = nn.ModuleList()
-        decoder_width = decoder.width
-        for i, width in enumerate(reversed(encoder.feature_channels)):
+        for block, width in zip(self.decoder_blocks, reversed(encoder.feature_channels)):
             token = nn.Parameter(torch.zeros(1, width, 1, 1))
             trunc_normal_(token, mean=0, std=0.02, a=-0.02, b=0.02)
             self.mask_tokens.append(token)
             self.densify_norms.append(self._build_densify_norm(width, sync_bn))
-            if i == 0 and width == decoder_width:
+            decoder_width = decoder.width // 2**block
+            if block == 0 and width == decoder_width:
                 proj: nn.Module = nn.Identity()
             else:
-                kernel = 1 if i == 0 else 3
+                kernel = 1 if block == 0 else 3
                 proj = nn.Conv2d(width, decoder_width, kernel_size=kernel, stride=1, padding=kernel // 2, bias=True)
                 trunc_normal_(proj.weight, std=0.02)
                 nn.init.zeros_(proj.bias)
             self.densify_projs.append(proj)
-            decoder_width //= 2
+
+    def _decoder_block_of(self, stride: int) -> int:
+        """Return the index of the decoder block that takes a feature of ``stride``: log2(ratio / stride)."""
+        block = round(math.log2(self.downsample_ratio / stride))
+        if self.downsample_ratio != stride * 2**block:
+            raise ValueError(
+                f"feature stride {stride} is not the downsample ratio {self.downsample_ratio} divided by a power of two"
+            )
+        return block
 
     def _build_densify_norm(self, width: int, sync_bn: bool) -> nn.Module:
         if self.densify_norm == "bn":
             return masked_batch_norm_from(nn.BatchNorm2d(width), self.sites, sync=sync_bn)
+        if self.densify_norm == "ln":
+            return masked_layer_norm_2d(LayerNorm2d(width, eps=1e-6), self.sites)
         if self.densify_norm in ("", "identity"):
             return nn.Identity()
-        raise ValueError(f"unknown densify norm {self.densify_norm!r}; use 'bn' or 'identity'")
+        raise ValueError(f"unknown densify norm {self.densify_norm!r}; use 'bn', 'ln' or 'identity'")
 
     def mask(
         self, batch_size: int, device: Optional[torch.device] = None, generator: Optional[torch.Generator] = None
@@ -72,19 +88,22 @@ class SparK(nn.Module):
         """Draw a ``(B, 1, h, w)`` mask with ``mask_ratio`` of the patches hidden."""
         return draw_mask(batch_size, self.grid_size, self.mask_ratio, generator=generator, device=device)
 
-    def densify(self, features: List[torch.Tensor], active: torch.Tensor) -> List[torch.Tensor]:
+    def densify(self, features: List[torch.Tensor], active: torch.Tensor) -> List[Optional[torch.Tensor]]:
         """Normalise each scale's features over active sites, fill hidden sites with mask tokens, project.
 
-        ``features`` go from the largest scale to the smallest; the result goes from
-        the smallest to the largest, as the decoder takes it.
+        ``features`` go from the largest scale to the smallest; the result holds one
+        input per decoder block, from the smallest scale to the largest, as the
+        decoder takes it (None where no feature has that block's scale).
         """
-        to_decoder = []
+        to_decoder: List[Optional[torch.Tensor]] = [None] * (max(self.decoder_blocks) + 1)
         with self.sites.bind(active):
             for i, bchw in enumerate(reversed(features)):
                 bchw = self.densify_norms[i](bchw)
                 active_here = upsample_mask(active, bchw.shape[-2:])
                 bchw = torch.where(active_here, bchw, self.mask_tokens[i].to(bchw.dtype).expand_as(bchw))
-                to_decoder.append(self.densify_projs[i](bchw))
+                projected = self.densify_projs[i](bchw)
+                block = self.decoder_blocks[i]
+                to_decoder[block] = projected if to_decoder[block] is None else to_decoder[block] + projected
         return to_decoder
 
     def reconstruct(

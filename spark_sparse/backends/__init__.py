@@ -7,6 +7,9 @@ from ..models import create_dense_model, model_family
 from .encoder import SparseEncoder
 from .registry import BuildContext, ConverterRegistry, UnsupportedLayerError
 
+# Registers the converters of ConvNeXt, squeeze-excite, group norm and other layers in both backends.
+from . import layers  # noqa: E402,F401  isort: skip
+
 BACKENDS = ("masked", "spconv")
 
 
@@ -17,6 +20,7 @@ def build_encoder(
     *,
     drop_path_rate: float = 0.0,
     sync_bn: bool = False,
+    output_stride: int = 32,
 ) -> SparseEncoder:
     """Build the encoder of timm model ``model`` on ``backend``.
 
@@ -24,6 +28,8 @@ def build_encoder(
     and ``__call__(images, active=None)`` returning dense features from the largest
     scale to the smallest, zero at hidden sites. ``active`` is a ``(B, 1, h, w)``
     bool mask at the coarsest scale (``True`` = visible); None means all visible.
+    ``output_stride`` 16 or 8 dilates the last stages, so the downsample ratio and
+    the mask patch size become 16 or 8.
     """
     family = model_family(model)
     if backend == "masked":
@@ -36,7 +42,7 @@ def build_encoder(
         encoder_type = SpconvEncoder
     else:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    dense = create_dense_model(model, drop_path_rate=drop_path_rate)
+    dense = create_dense_model(model, drop_path_rate=drop_path_rate, output_stride=output_stride)
     return encoder_type(model, family, dense, input_size, sync_bn=sync_bn)
 
 

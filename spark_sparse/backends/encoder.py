@@ -7,23 +7,23 @@ import torch
 from torch import nn
 
 from ..masking import ActiveSites, upsample_mask
-from ..models import ModelFamily, Size2d, downsample_ratio_of, feature_channels_of, parse_input_size
+from ..models import ModelFamily, Size2d, downsample_ratio_of, feature_channels_of, feature_strides_of, parse_input_size
 from .registry import BuildContext, ConverterRegistry
 
 
 def trace_input_strides(dense: nn.Module, family: ModelFamily, input_size: Size2d) -> Dict[str, int]:
     """Return the input stride (image pixels per site) of every module under the family's children.
 
-    One dense forward of a zero image records each module's input height.
+    One dense forward of a zero image records each module's 4-D input shape.
     """
-    heights: Dict[str, int] = {}
+    shapes: Dict[str, torch.Size] = {}
     handles = []
     for root in family.module_names:
-        for name, module in getattr(dense, root).named_modules(prefix=root):
+        for name, module in dense.get_submodule(root).named_modules(prefix=root):
 
             def record(_module: nn.Module, inputs: tuple, name: str = name) -> None:
                 if inputs and torch.is_tensor(inputs[0]) and inputs[0].dim() == 4:
-                    heights.setdefault(name, inputs[0].shape[-2])
+                    shapes.setdefault(name, inputs[0].shape)
 
             handles.append(module.register_forward_pre_hook(record))
 
@@ -36,7 +36,16 @@ def trace_input_strides(dense: nn.Module, family: ModelFamily, input_size: Size2
         dense.train(was_training)
         for handle in handles:
             handle.remove()
-    return {name: input_size[0] // height for name, height in heights.items()}
+    return {name: _stride_of_shape(shape, input_size) for name, shape in shapes.items()}
+
+
+def _stride_of_shape(shape: torch.Size, input_size: Size2d) -> int:
+    """Return the stride of a ``(B, C, H, W)`` map, else of a ``(B, H, W, C)`` one (ConvNeXt's MLP input)."""
+    for height, width in ((shape[2], shape[3]), (shape[1], shape[2])):
+        stride = input_size[0] // height
+        if (height * stride, width * stride) == tuple(input_size):
+            return stride
+    return input_size[0] // shape[2]
 
 
 class SparseEncoder(nn.Module):
@@ -45,7 +54,8 @@ class SparseEncoder(nn.Module):
     The family's stem and stage modules are this module's direct children, so
     ``state_dict()`` loads with ``strict=True`` into ``timm.create_model(model, num_classes=0)``.
     Calling it returns dense ``(B, C_i, H_i, W_i)`` features from the largest scale
-    to the smallest, exactly zero at hidden sites.
+    to the smallest, exactly zero at hidden sites; ``feature_strides`` gives each
+    one's stride in image pixels.
     """
 
     backend: str = ""
@@ -65,15 +75,18 @@ class SparseEncoder(nn.Module):
         self.family = family
         self.downsample_ratio = downsample_ratio_of(dense)
         self.feature_channels: List[int] = feature_channels_of(dense, family)
+        self.feature_strides: List[int] = feature_strides_of(dense, family)
         self.input_size: Size2d = parse_input_size(input_size, self.downsample_ratio)
         self.sites = self.create_sites()
         _check_unused_children(dense, family)
 
         strides = trace_input_strides(dense, family, self.input_size) if needs_strides else {}
         context = BuildContext(sites=self.sites, sync_bn=sync_bn, input_strides=strides)
-        for name in family.module_names:
+        for name in family.top_level_names:
             context.path = name
             self.add_module(name, registry.convert(getattr(dense, name), context))
+        for name in family.kept:
+            self.add_module(name, getattr(dense, name).requires_grad_(False))
 
     def create_sites(self) -> ActiveSites:
         """Create the mask scope shared by the converted layers; a backend may return a subclass."""
@@ -114,7 +127,7 @@ class SparseEncoder(nn.Module):
 def _check_unused_children(dense: nn.Module, family: ModelFamily) -> None:
     """Make sure the children the encoder drops (pooling, classifier) hold no state."""
     for name, child in dense.named_children():
-        if name in family.module_names:
+        if name in family.top_level_names or name in family.kept:
             continue
         if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
             raise ValueError(

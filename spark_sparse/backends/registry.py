@@ -95,7 +95,14 @@ class ConverterRegistry:
             return module
         if kind == _CONVERT:
             return converter(module, context)
+        return self.convert_children(module, context)
 
+    def convert_children(self, module: nn.Module, context: BuildContext) -> nn.Module:
+        """Convert every child of ``module`` in place and return ``module``.
+
+        A converter whose block needs its own ``forward`` calls this first, then
+        wraps the converted children.
+        """
         parent_path = context.path
         for name, child in list(module.named_children()):
             context.path = f"{parent_path}.{name}" if parent_path else name

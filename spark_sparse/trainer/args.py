@@ -11,10 +11,10 @@ import os
 import sys
 from typing import List, NoReturn, Optional, Sequence
 
-from ..models import SUPPORTED_MODELS, model_family, parse_input_size
+from ..models import OUTPUT_STRIDES, SUPPORTED_MODELS, model_family, parse_input_size
 
 OPTIMIZERS = ("lamb", "adamw", "sgd")
-DENSIFY_NORMS = ("", "bn", "identity")
+DENSIFY_NORMS = ("", "bn", "ln", "identity")
 
 # beta2 of LAMB and AdamW when --ada=0, as SparK chooses it per family.
 DEFAULT_ADA = {"resnet": 0.95}
@@ -94,6 +94,13 @@ def build_parser(prog: str = "main.py") -> ArgumentParser:
     add("--densify_norm", default="", choices=DENSIFY_NORMS, help="norm before mask tokens; empty: the family's")
     add("--decoder_width", type=int, default=768, help="channels of the decoder's first block; halves per block")
     add("--sparse_conv", type=parse_bool, default="0", metavar="0|1", help="1: spconv submanifold convolution; 0: masked dense")
+    add(
+        "--output_stride",
+        type=int,
+        default=32,
+        choices=OUTPUT_STRIDES,
+        help="encoder stride in pixels, also the mask patch size; below 32 the last stages are dilated",
+    )
 
     # Data.
     add("--bs", type=int, default=4096, help="global batch size in images, summed over all processes")

@@ -126,6 +126,7 @@ def build_model(args: argparse.Namespace, world: World) -> SparK:
         sync_bn=args.sbn and world.distributed,
         decoder_width=args.decoder_width,
         densify_norm=args.densify_norm,
+        output_stride=args.output_stride,
     )
     if args.init_weight:
         loaded = initialize_weights(args.init_weight, spark)

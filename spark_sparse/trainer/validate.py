@@ -38,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exit_request.code or 0)
 
     # The image size must be a multiple of the stride, which is read from the timm model itself.
-    ratio = downsample_ratio_of(create_dense_model(args.model))
+    ratio = downsample_ratio_of(create_dense_model(args.model, output_stride=args.output_stride))
     try:
         height, width = parse_input_size(args.input_size, ratio)
     except ValueError as error:

@@ -3,4 +3,4 @@
 Importing this package registers its converters in ``MASKED_CONVERTERS`` and
 ``SPCONV_CONVERTERS``; ``spark_sparse.backends`` imports it.
 """
-from . import grouped_conv  # noqa: F401
+from . import conv2d_same, convnext, global_pool, group_norm, grouped_conv, squeeze_excite  # noqa: F401
