@@ -83,7 +83,8 @@ def test_grid_composite_equals_input_on_visible(checkpoints, photo_dir, tmp_path
     cells = read_cells(out, 4)
     inputs, masked, reconstructions, composites = (cells[:, PANELS.index(name)] for name in PANELS)
 
-    assert visible.any() and not visible.all()
+    assert visible.any()
+    assert not visible.all()
     assert np.array_equal(composites[visible], inputs[visible])
     assert np.array_equal(composites[~visible], reconstructions[~visible])
     assert np.array_equal(masked[visible], inputs[visible])
