@@ -18,6 +18,7 @@ bundle=.gpuwheels/spconv-cu126-py312.tar.xz
 photos=.gpuwheels/photos.npz
 out_dir=${OUT:?set OUT to the folder that receives the record}
 limit=${KERNELS_BENCH_TIMEOUT:-480}
+python=${PYTHON:-python3}
 site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT
 
@@ -34,7 +35,7 @@ mkdir -p "$out_dir"
 
 # Stop with the import error where spconv-cu126 does not load beside this torch. Without
 # spconv the benchmark would fall back to gather-GEMM and not measure spconv's kernels.
-python - <<'PY' 2>&1 | tee "$out_dir/environment.txt"
+"$python" - <<'PY' 2>&1 | tee "$out_dir/environment.txt"
 import torch
 import spconv
 import spconv.pytorch
@@ -42,7 +43,7 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU", torch.cuda.
 print("spconv", spconv.__version__, "from", spconv.__file__)
 PY
 
-timeout "$limit" python kernels_bench/bench_models.py \
+timeout "$limit" "$python" kernels_bench/bench_models.py \
     --device cuda --amp \
     --models resnet50 --batch-size 256 --input-size 224 --mask-ratios 0.6 0.75 \
     --repeats 10 --warmup 3 \
