@@ -1,7 +1,7 @@
 """Linear probe: a linear classifier on frozen encoder features, pre-trained against randomly initialised.
 
 Run as ``python -m spark_sparse.probe --ckpt output_exp/resnet50_1kpretrained.pth --data_path DIR``,
-where ``DIR`` holds one folder of images per class.
+where ``DIR`` contains one folder of images per class.
 """
 from __future__ import annotations
 
