@@ -204,3 +204,59 @@ def test_two_nodes_train_to_end(tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
     assert epoch_losses(tmp_path / "node0")[-1] > 0
     assert len(epoch_losses(tmp_path / "node0")) == 2
+
+
+def write_bad_inputs(folder: Path) -> dict:
+    """Write the files the bad-input cases point at; return their paths by name."""
+    import timm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty").mkdir()
+    (folder / "a_file").write_text("not a folder\n")
+    encoder = timm.create_model("resnet18", num_classes=0).state_dict()
+    torch.save({"arch": "resnet18", "module": encoder, "is_pretrain": True}, folder / ENCODER_WEIGHTS)
+    whole = (folder / ENCODER_WEIGHTS).read_bytes()
+    (folder / "truncated.pth").write_bytes(whole[: len(whole) // 2])
+    torch.save(encoder, folder / "state_dict.pth")
+    other = {"model": {}, "optimizer": {}, "epoch": 1, "args": {"model": "resnet34"}}
+    torch.save(other, folder / "resnet34_still_pretraining.pth")
+    return {"dir": folder}
+
+
+BAD_INPUTS = [
+    (["--model=resnet5"], "resnet18, resnet34, resnet50"),
+    (["--mask=1.2"], "use a fraction in (0, 1)"),
+    (["--mask=0.9"], "leaves no visible patch of the 4 patches"),
+    (["--input_size=70"], "use 64 or 96"),
+    (["--ngpu_per_node=2", "--bs=5"], "--bs 5 is not divisible by the 2 processes; use a global batch size of 4 or 6"),
+    (["--data_path={dir}/missing"], "missing' is not a directory"),
+    (["--data_path={dir}/empty"], "no images found under"),
+    (["--data_path={dir}/a_file"], "a_file' is not a directory"),
+    (["--exp_dir={dir}/a_file/out"], "a_file' is not a directory; set --exp_dir to a writable folder"),
+    (["--resume_from={dir}/missing.pth"], "missing.pth' is not a file"),
+    (["--resume_from={dir}/truncated.pth"], "the file is truncated or not a checkpoint"),
+    (["--resume_from={dir}/" + ENCODER_WEIGHTS], "contains encoder weights only"),
+    (["--resume_from={dir}/state_dict.pth"], "is a bare state dict, not a still-pretraining checkpoint"),
+    (["--resume_from={dir}/resnet34_still_pretraining.pth"], "contains a resnet34 model, not resnet18; pass --model=resnet34"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    write_bad_inputs(folder)
+    return folder
+
+
+@pytest.mark.parametrize("options, expected", BAD_INPUTS)
+def test_bad_input_one_line(bad_input_dir, options, expected):
+    options = [option.format(dir=bad_input_dir) for option in options]
+    command = ["bash", str(REPO / "run.sh"), "bad", "--model=resnet18", "--input_size=64", "--bs=4", *options]
+    result = subprocess.run(command, cwd=bad_input_dir, env=process_env(), capture_output=True, text=True, timeout=300)
+    expected = expected.format(dir=bad_input_dir)
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("run.sh: error: ")
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
