@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from spark_sparse import build_spark
 from spark_sparse.trainer import main
@@ -354,15 +356,32 @@ def test_no_weight_decay_on_bias_norm_tokens():
     assert not any(name.endswith(".bias") for name in decay_names)
 
 
-def test_crash_traceback_copied(tmp_path):
+def test_unreadable_data_one_line(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     (data / "broken.jpg").write_text("not a JPEG")
+
+    status = main(["--exp_name=crash", f"--exp_dir={tmp_path / 'out'}", f"--data_path={data}", "--ep=1", *TINY])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+
+    assert status == 2
+    assert errors == ["main.py: error: none of the 1 image files could be read; check the --data_path folder"]
+
+
+def test_crash_traceback_copied(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(data / "black.png")
     out_dir = tmp_path / "out"
 
-    with pytest.raises(OSError, match="cannot identify image file"):
+    # An error the trainer does not expect (a fault in the image decoder) must leave its traceback in the copy.
+    def failing_decoder(path):
+        raise MemoryError(f"decoder fault on {path}")
+
+    monkeypatch.setattr("spark_sparse.trainer.data.load_rgb", failing_decoder)
+    with pytest.raises(MemoryError, match="decoder fault"):
         main(["--exp_name=crash", f"--exp_dir={out_dir}", f"--data_path={data}", "--ep=1", *TINY])
 
     copy = (out_dir / "stderr_backup.txt").read_text()
-    assert copy.startswith("Traceback (most recent call last):")
-    assert "PIL.UnidentifiedImageError: cannot identify image file" in copy
+    assert "Traceback (most recent call last):" in copy
+    assert "MemoryError: decoder fault on" in copy
