@@ -15,7 +15,7 @@ zero at hidden sites.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import timm.layers
 import timm.models.resnet as timm_resnet
@@ -26,18 +26,12 @@ from torch import nn
 from ..norm import batch_norm_rows
 from . import spconv_engine
 from .encoder import SparseEncoder
+from .gather_conv import GATHER_ALL_MIN_CHANNELS, gather_gemm, transposed_neighbours  # noqa: F401 (re-exported)
 from .registry import BuildContext, ConverterRegistry, UnsupportedLayerError
 from .site_tables import SparseSites, conv_output_size
 
 SPCONV_CONVERTERS = ConverterRegistry("spconv")
 
-# Below this many input channels a convolution sums one (N, C_in) x (C_in, C_out)
-# product per kernel tap. From it up, it gathers one (N, K * C_in) matrix for a
-# single matmul. Measured forward plus backward of a 3x3 layer (B=8, 224x224 images,
-# 40 % density, 1 thread, 2-core x86-64 CPU), per tap / one gather / dense
-# channels-last masked: C=64 36.7 / 36.7 / 54.8 ms, C=128 31.2 / 28.6 / 50.7 ms,
-# C=256 31.7 / 25.6 / 49.7 ms, C=512 58.3 / 30.2 / 59.0 ms.
-GATHER_ALL_MIN_CHANNELS = 128
 
 
 def _input_stride(context: BuildContext) -> int:
@@ -65,28 +59,6 @@ def _check_rows(x: torch.Tensor, layer: nn.Module) -> None:
         raise ValueError(
             f"{type(layer).__name__} expects an (N, C) matrix of active sites, got shape {tuple(x.shape)}"
         )
-
-
-def gather_gemm(rows: torch.Tensor, weight: torch.Tensor, neighbours: torch.Tensor, neighbours_by_tap: torch.Tensor) -> torch.Tensor:
-    """Convolve ``(N_in, C_in)`` rows by gather-GEMM over a neighbour table; return ``(N_out, out)`` rows.
-
-    ``weight`` has timm's ``(out, in, kh, kw)`` layout; ``neighbours`` is the
-    ``(N_out, kh * kw)`` table of :meth:`SparseSites.neighbours` and
-    ``neighbours_by_tap`` its contiguous transpose. Taps on hidden or padding
-    sites read one of two appended zero rows.
-    """
-    out_channels, in_channels = weight.shape[:2]
-    padded = torch.cat([rows, rows.new_zeros(2, in_channels)])
-
-    if in_channels >= GATHER_ALL_MIN_CHANNELS or neighbours.shape[1] == 1:
-        columns = padded.index_select(0, neighbours.reshape(-1)).view(neighbours.shape[0], -1)
-        return columns @ weight.permute(0, 2, 3, 1).reshape(out_channels, -1).t()
-
-    weight_by_tap = weight.flatten(2)
-    out = padded.index_select(0, neighbours_by_tap[0]) @ weight_by_tap[:, :, 0].t()
-    for tap in range(1, neighbours_by_tap.shape[0]):
-        out = out.addmm(padded.index_select(0, neighbours_by_tap[tap]), weight_by_tap[:, :, tap].t())
-    return out
 
 
 class SparseConv2d(nn.Conv2d):
@@ -121,8 +93,22 @@ class SparseConv2d(nn.Conv2d):
             out = spconv_engine.conv(x, self.weight, rule_book)
         else:
             by_tap = self.sites.cached(("neighbours_by_tap",) + key, lambda: neighbours.t().contiguous())
-            out = gather_gemm(x, self.weight, neighbours, by_tap)
+            transposed = transposed_by_tap = None
+            if x.requires_grad and torch.is_grad_enabled():
+                transposed, transposed_by_tap = self.sites.cached(
+                    ("transposed_neighbours",) + key, lambda: self._transposed(neighbours, x.shape[0])
+                )
+            out = gather_gemm(x, self.weight, neighbours, by_tap, transposed, transposed_by_tap)
         return out if self.bias is None else out + self.bias
+
+    def _transposed(self, neighbours: torch.Tensor, num_inputs: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return the transposed table and its tap-major copy; a centred stride-1 window is its own mirror."""
+        kernel, padding, dilation = self.kernel_size[0], self.padding[0], self.dilation[0]
+        if self.stride[0] == 1 and 2 * padding == dilation * (kernel - 1):
+            table = neighbours.flip(1)
+        else:
+            table = transposed_neighbours(neighbours, num_inputs)
+        return table, table.t().contiguous()
 
     def _gather_dense(self, x: torch.Tensor) -> torch.Tensor:
         # For the 7x7/2 stem on 3 channels, gathering the image and convolving by
