@@ -165,8 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if not Path(args.ckpt).is_file():
             raise CheckpointError(f"checkpoint {args.ckpt!r} not found; give a <model>_still_pretraining.pth file")
-        spark, run_args = load_spark(args.ckpt)
         paths = choose_images(image_source(args, out_path), args.num_images, args.seed)
+        spark, run_args = load_spark(args.ckpt)
         images = load_images(paths, tuple(run_args["input_size"]))
     except (CheckpointError, ValueError, OSError) as error:
         sys.stderr.write(f"{PROG}: error: {error}\n")
