@@ -103,7 +103,7 @@ def test_killed_runs_resume_bitwise(tmp_path):
         process.wait()
         assert_loadable(out_dir)
 
-    # SIGTERM: the run writes a checkpoint at the next iteration boundary and says so.
+    # SIGTERM: the run writes a checkpoint at the next iteration boundary and reports where it stopped.
     process = subprocess.Popen(command, cwd=tmp_path, env=process_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     before = checkpoint_path.stat().st_mtime_ns

@@ -20,8 +20,8 @@ class CheckpointError(ValueError):
     """A checkpoint file that does not fit the model or is not one this trainer wrote."""
 
 
-# Seconds to sleep between writing a checkpoint's temporary file and renaming it; only tests set
-# it, to kill a run in the middle of a write.
+# Seconds to sleep between writing a checkpoint's temporary file and renaming it. Only tests set
+# it, so that they can kill a run in the middle of a write.
 WRITE_DELAY_ENV = "SPARK_SPARSE_TEST_CHECKPOINT_DELAY_S"
 
 

@@ -37,9 +37,9 @@ class NonFiniteLossError(RuntimeError):
 class EpochStats:
     """Measurements of one epoch: mean and last loss over all ranks, duration in seconds, throughput.
 
-    ``iterations_done`` is below the epoch's length when ``after_step`` stopped it
-    early; ``loss_sum`` sums the per-iteration losses of the whole epoch so far, and
-    ``skipped`` lists this rank's unreadable image files met in the epoch.
+    ``iterations_done`` is below ``iterations`` when ``after_step`` stopped the epoch
+    early. ``loss_sum`` sums the per-iteration losses of the whole epoch so far.
+    ``skipped`` lists the unreadable image files this rank met in the epoch.
     """
 
     mean_loss: float

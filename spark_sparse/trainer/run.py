@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shlex
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,10 +48,15 @@ class StopRequest:
     def handle(self, signal_number: int, frame: Any) -> None:
         self.signal_number = signal_number
 
-    def install(self) -> None:
-        """Route SIGTERM and SIGINT to :meth:`handle` (only the main thread may do this)."""
-        signal.signal(signal.SIGTERM, self.handle)
-        signal.signal(signal.SIGINT, self.handle)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Route SIGTERM and SIGINT to :meth:`handle` for the block (only the main thread may do this)."""
+        previous = {number: signal.signal(number, self.handle) for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 class StoppedBySignal(Exception):
@@ -74,8 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exit_request.code or 0)
 
     stop_request = StopRequest()
-    stop_request.install()
-    with init_world() as world:
+    with stop_request.installed(), init_world() as world:
         torch.manual_seed(args.seed + world.rank)
         out_dir = Path(args.exp_dir)
         try:
