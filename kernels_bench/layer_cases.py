@@ -234,12 +234,18 @@ class LayerBench:
 
         with intra_op_threads(1), torch.no_grad():
             first = layer(sparse_input)
-        rule_book = first.indice_dict[SPCONV_NATIVE_KEY]
         num_outputs = first.indices.shape[0]
         out_indices = first.indices.long()
         algo = spconv.ConvAlgo.Native
+        # spconv runs a 1x1 stride-1 convolution as one torch.mm on the features, with no rule book.
+        # NOTE: spconv 2.3.8 views its (out, 1, 1, in) weight as (in, out) there, so the values are
+        # wrong; max_abs_diff_vs_masked_nchw shows it, and the time is still that of its torch.mm.
+        is_matmul = getattr(layer, "conv1x1", False)
+        rule_book = None if is_matmul else first.indice_dict[SPCONV_NATIVE_KEY]
 
         def kernel() -> torch.Tensor:
+            if is_matmul:
+                return layer(sparse_input).features
             pairs, counts = rule_book.indice_pairs, rule_book.indice_pair_num
             if shape.kind == "max_pool":
                 return spconv_functional.indice_maxpool(features, pairs, counts, num_outputs)
@@ -257,7 +263,8 @@ class LayerBench:
             None,
             lambda out: self._native_rows_on_active_sites(out, out_indices),
             threads=1,
-            note=f"forward only (CPU backward needs a CUDA driver); {num_outputs} output sites",
+            note=f"forward only (CPU backward needs a CUDA driver); {num_outputs} output sites"
+            + ("; spconv's 1x1 torch.mm path misreads its weight layout" if is_matmul else ""),
         )
 
     def _native_rows_on_active_sites(self, out: torch.Tensor, out_indices: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels_bench.layer_cases import LayerBench, compare_outputs
 from kernels_bench.layer_shapes import collect_layer_shapes
 from kernels_bench.measure import interleave, peak_memory_bytes
+from kernels_bench.workload import seeded_mask
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--input-size", "64", "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
@@ -149,6 +151,23 @@ def test_layer_shapes_cover_resnet50():
     paths = [path for shape in shapes for path in shape.paths]
     assert len(paths) == len(set(paths))
     assert len(paths) == 53 + 53 + 1
+
+
+def test_layer_bench_runs_1x1_conv(photos_64):
+    # spconv runs a 1x1 stride-1 convolution as torch.mm without a rule book; resnet18 has none, resnet50 many.
+    shape = next(shape for shape in collect_layer_shapes("resnet50", (64, 64)) if shape.name.startswith("conv1x1/1"))
+    active = seeded_mask(2, (2, 2), 0.5, seed=0)
+    with LayerBench(shape, active, photos_64, 32, torch.device("cpu"), amp=False) as bench:
+        variants = bench.variants(include_spconv_native=True)
+        differences = compare_outputs(bench, variants)
+
+    assert {"spconv_backend", "spconv_backend_1thread", "spconv_native"} <= set(differences)
+    for name in ("masked_channels_last", "spconv_backend", "spconv_backend_1thread"):
+        assert differences[name] < 1e-4, name
+    # spconv 2.3.8 views its (out, 1, 1, in) weight as (in, out) on this path, so its values differ.
+    assert differences["spconv_native"] > 1e-2
+    native = next(variant for variant in variants if variant.name == "spconv_native")
+    assert "misreads its weight layout" in native.note
 
 
 def test_peak_memory_counts_live_tensors():
