@@ -91,9 +91,9 @@ class SparK(nn.Module):
     def densify(self, features: List[torch.Tensor], active: torch.Tensor) -> List[Optional[torch.Tensor]]:
         """Normalise each scale's features over active sites, fill hidden sites with mask tokens, project.
 
-        ``features`` go from the largest scale to the smallest; the result holds one
+        ``features`` go from the largest scale to the smallest. The result holds one
         input per decoder block, from the smallest scale to the largest, as the
-        decoder takes it (None where no feature has that block's scale).
+        decoder takes it, with None where no feature has that block's scale.
         """
         to_decoder: List[Optional[torch.Tensor]] = [None] * (max(self.decoder_blocks) + 1)
         with self.sites.bind(active):

@@ -275,20 +275,12 @@ def test_state_dict_matches_masked(model):
     timm.create_model(model, num_classes=0).load_state_dict(sparse_state, strict=True)
 
 
-def test_dilated_conv_rejected_at_build():
-    dense = timm.create_model("resnet50", num_classes=0, output_stride=16)
+def test_reflect_padded_conv_rejected_at_build():
+    dense = timm.create_model("resnet18", num_classes=0)
+    dense.layer2[0].conv2.padding_mode = "reflect"
 
-    with pytest.raises(UnsupportedLayerError, match=r"'layer4\.1\.conv2'.*dilation"):
-        SpconvEncoder("resnet50", RESNET, dense, 64)
-
-
-def test_grouped_conv_rejected_at_build():
-    dense = timm.models.resnet.ResNet(
-        block=timm.models.resnet.Bottleneck, layers=[1, 1, 1, 1], cardinality=4, base_width=16, num_classes=0
-    )
-
-    with pytest.raises(UnsupportedLayerError, match=r"'layer1\.0\.conv2'.*groups=4"):
-        SpconvEncoder("resnet50", RESNET, dense, 64)
+    with pytest.raises(UnsupportedLayerError, match=r"'layer2\.0\.conv2'.*padding_mode='reflect'"):
+        SpconvEncoder("resnet18", RESNET, dense, 64)
 
 
 def test_unsupported_layer_names_path():

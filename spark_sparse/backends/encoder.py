@@ -54,7 +54,7 @@ class SparseEncoder(nn.Module):
     The family's stem and stage modules are this module's direct children, so
     ``state_dict()`` loads with ``strict=True`` into ``timm.create_model(model, num_classes=0)``.
     Calling it returns dense ``(B, C_i, H_i, W_i)`` features from the largest scale
-    to the smallest, exactly zero at hidden sites; ``feature_strides`` gives each
+    to the smallest, exactly zero at hidden sites. ``feature_strides`` lists each
     one's stride in image pixels.
     """
 

@@ -18,7 +18,7 @@ sites only, on both backends.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import timm.layers
 from timm.layers.grn import GlobalResponseNorm
@@ -84,7 +84,7 @@ class MaskedGlobalResponseNorm(GlobalResponseNorm):
     """``GlobalResponseNorm`` whose per-image L2 norm spans the active sites only.
 
     The input is zero at hidden sites (the masked backend's invariant), so the
-    dense norm over ``(H, W)`` already sums the active sites alone; the output is
+    dense norm over ``(H, W)`` already sums the active sites alone. The output is
     masked because the bias would fill hidden sites.
     """
 
@@ -104,16 +104,17 @@ def masked_layer_norm_2d(norm: nn.LayerNorm, sites: ActiveSites) -> MaskedLayerN
         eps=norm.eps,
         affine=norm.elementwise_affine,
         bias=norm.bias is not None,
-        device=_device_of(norm),
+        **_placement_of(norm),
     )
     layer.load_state_dict(norm.state_dict())
     layer.sites = sites
     return layer
 
 
-def _device_of(module: nn.Module) -> Optional[torch.device]:
+def _placement_of(module: nn.Module) -> Dict[str, Optional[Union[torch.device, torch.dtype]]]:
+    """Return ``device`` and ``dtype`` keyword arguments that create a layer where ``module``'s parameters are."""
     tensor = next(module.parameters(), None)
-    return None if tensor is None else tensor.device
+    return {"device": None if tensor is None else tensor.device, "dtype": None if tensor is None else tensor.dtype}
 
 
 def _check_layer_norm(norm: nn.LayerNorm, context: BuildContext, channels_last: bool) -> None:
@@ -144,7 +145,7 @@ def convert_layer_norm_masked(norm: nn.LayerNorm, context: BuildContext) -> nn.M
         eps=norm.eps,
         affine=norm.elementwise_affine,
         bias=norm.bias is not None,
-        device=_device_of(norm),
+        **_placement_of(norm),
     )
     layer.load_state_dict(norm.state_dict())
     layer.sites = context.sites
@@ -169,7 +170,7 @@ def convert_linear_masked(linear: nn.Linear, context: BuildContext) -> nn.Module
 def convert_grn_masked(grn: GlobalResponseNorm, context: BuildContext) -> nn.Module:
     layer = MaskedGlobalResponseNorm(grn.weight.shape[0], eps=grn.eps, channels_last=grn.channel_dim != 1)
     layer.load_state_dict(grn.state_dict())
-    layer.to(grn.weight.device)
+    layer.to(device=grn.weight.device, dtype=grn.weight.dtype)
     layer.sites = context.sites
     return layer
 
@@ -250,7 +251,7 @@ def convert_layer_norm_2d_sparse(norm: timm.layers.LayerNorm2d, context: BuildCo
         eps=norm.eps,
         affine=norm.elementwise_affine,
         bias=norm.bias is not None,
-        device=_device_of(norm),
+        **_placement_of(norm),
     )
     layer.load_state_dict(norm.state_dict())
     return layer
@@ -266,7 +267,7 @@ def convert_layer_norm_sparse(norm: nn.LayerNorm, context: BuildContext) -> nn.M
 def convert_grn_sparse(grn: GlobalResponseNorm, context: BuildContext) -> nn.Module:
     layer = SparseGlobalResponseNorm(grn.weight.shape[0], eps=grn.eps, channels_last=grn.channel_dim != 1)
     layer.load_state_dict(grn.state_dict())
-    layer.to(grn.weight.device)
+    layer.to(device=grn.weight.device, dtype=grn.weight.dtype)
     layer.sites = context.sites
     layer.in_stride = _input_stride(context)
     return layer

@@ -25,9 +25,6 @@ from ..registry import BuildContext, UnsupportedLayerError
 from ..site_tables import SparseSites
 from ..sparse import SPCONV_CONVERTERS, _check_rows, _input_stride
 
-POOL_MODES = ("avg", "max")
-
-
 def masked_mean(sites: ActiveSites, x: torch.Tensor) -> torch.Tensor:
     """Return the ``(B, C, 1, 1)`` mean of each image's active sites of a ``(B, C, H, W)`` map that is zero elsewhere."""
     mask = sites.mask_at(x.shape[-2:])

@@ -3,7 +3,7 @@
 A squeeze-excite block pools its input globally, computes per-channel gates
 from the pooled vector and scales the input by them. Over a masked map the
 dense mean counts hidden sites as zeros, so the gates would depend on the mask
-ratio; here the mean spans each image's active sites. The gate layers compute
+ratio. Here the mean spans each image's active sites. The gate layers compute
 on ``(B, C, 1, 1)`` per-image vectors, so they stay timm's (or torchvision's)
 dense modules, under the same names.
 
