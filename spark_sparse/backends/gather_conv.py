@@ -31,7 +31,8 @@ GATHER_ALL_MIN_CHANNELS = 128
 GATHER_ALL_MAX_WIDTH = 256
 
 
-def _gathers_all(in_channels: int, taps: int) -> bool:
+def gathers_all(in_channels: int, taps: int) -> bool:
+    """Return whether a convolution gathers one ``(N, K * C_in)`` matrix, so it needs no tap-major table."""
     return in_channels >= GATHER_ALL_MIN_CHANNELS or taps == 1 or in_channels * taps <= GATHER_ALL_MAX_WIDTH
 
 
@@ -44,14 +45,18 @@ def _columns(padded: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
     return padded.index_select(0, neighbours.reshape(-1)).view(neighbours.shape[0], -1)
 
 
-def conv_rows(rows: torch.Tensor, weight: torch.Tensor, neighbours: torch.Tensor, neighbours_by_tap: torch.Tensor) -> torch.Tensor:
+def conv_rows(
+    rows: torch.Tensor, weight: torch.Tensor, neighbours: torch.Tensor, neighbours_by_tap: Optional[torch.Tensor]
+) -> torch.Tensor:
     """Convolve ``(N_in, C_in)`` rows with an ``(out, in, kh, kw)`` weight; return ``(N_out, out)`` rows, untracked."""
     out_channels, in_channels = weight.shape[:2]
     padded = _pad_rows(rows)
 
-    if _gathers_all(in_channels, neighbours.shape[1]):
+    if gathers_all(in_channels, neighbours.shape[1]):
         return _columns(padded, neighbours) @ weight.permute(0, 2, 3, 1).reshape(out_channels, -1).t()
 
+    if neighbours_by_tap is None:
+        neighbours_by_tap = neighbours.t().contiguous()
     weight_by_tap = weight.flatten(2)
     out = padded.index_select(0, neighbours_by_tap[0]) @ weight_by_tap[:, :, 0].t()
     for tap in range(1, neighbours_by_tap.shape[0]):
@@ -59,7 +64,9 @@ def conv_rows(rows: torch.Tensor, weight: torch.Tensor, neighbours: torch.Tensor
     return out
 
 
-def weight_grad(rows: torch.Tensor, grad_out: torch.Tensor, neighbours: torch.Tensor, neighbours_by_tap: torch.Tensor) -> torch.Tensor:
+def weight_grad(
+    rows: torch.Tensor, grad_out: torch.Tensor, neighbours: torch.Tensor, neighbours_by_tap: Optional[torch.Tensor]
+) -> torch.Tensor:
     """Return the ``(out, in, kh, kw)`` weight gradient; the columns are rebuilt, tap by tap below 128 channels."""
     in_channels = rows.shape[1]
     out_channels = grad_out.shape[1]
@@ -67,10 +74,12 @@ def weight_grad(rows: torch.Tensor, grad_out: torch.Tensor, neighbours: torch.Te
     kernel = int(round(taps**0.5))
     padded = _pad_rows(rows)
 
-    if _gathers_all(in_channels, taps):
+    if gathers_all(in_channels, taps):
         grad = grad_out.t() @ _columns(padded, neighbours)
         return grad.view(out_channels, kernel, kernel, in_channels).permute(0, 3, 1, 2)
 
+    if neighbours_by_tap is None:
+        neighbours_by_tap = neighbours.t().contiguous()
     grad = grad_out.new_empty(taps, out_channels, in_channels)
     for tap in range(taps):
         torch.mm(grad_out.t(), padded.index_select(0, neighbours_by_tap[tap]), out=grad[tap])
@@ -100,7 +109,7 @@ class GatherConvFunction(torch.autograd.Function):
         rows: torch.Tensor,
         weight: torch.Tensor,
         neighbours: torch.Tensor,
-        neighbours_by_tap: torch.Tensor,
+        neighbours_by_tap: Optional[torch.Tensor],
         transposed: Optional[torch.Tensor],
         transposed_by_tap: Optional[torch.Tensor],
     ) -> torch.Tensor:
@@ -125,7 +134,7 @@ def gather_gemm(
     rows: torch.Tensor,
     weight: torch.Tensor,
     neighbours: torch.Tensor,
-    neighbours_by_tap: torch.Tensor,
+    neighbours_by_tap: Optional[torch.Tensor],
     transposed: Optional[torch.Tensor] = None,
     transposed_by_tap: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -133,7 +142,8 @@ def gather_gemm(
 
     ``weight`` has timm's ``(out, in, kh, kw)`` layout; ``neighbours`` is the
     ``(N_out, kh * kw)`` table of :meth:`SparseSites.neighbours` and
-    ``neighbours_by_tap`` its contiguous transpose. Taps on hidden or padding
+    ``neighbours_by_tap`` its contiguous transpose, or None to transpose it here
+    when the per-tap path runs. Taps on hidden or padding
     sites read one of two appended zero rows. ``transposed`` (from
     :func:`transposed_neighbours`, with its own contiguous transpose) serves the
     input gradient; it is built here when the rows need a gradient and none is given.

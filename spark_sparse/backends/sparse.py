@@ -26,7 +26,7 @@ from torch import nn
 from ..norm import batch_norm_rows
 from . import spconv_engine
 from .encoder import SparseEncoder
-from .gather_conv import GATHER_ALL_MIN_CHANNELS, gather_gemm, transposed_neighbours  # noqa: F401 (re-exported)
+from .gather_conv import GATHER_ALL_MIN_CHANNELS, gather_gemm, gathers_all, transposed_neighbours  # noqa: F401 (re-exported)
 from .registry import BuildContext, ConverterRegistry, UnsupportedLayerError
 from .site_tables import SparseSites, conv_output_size
 
@@ -92,7 +92,10 @@ class SparseConv2d(nn.Conv2d):
             )
             out = spconv_engine.conv(x, self.weight, rule_book)
         else:
-            by_tap = self.sites.cached(("neighbours_by_tap",) + key, lambda: neighbours.t().contiguous())
+            # A one-gather convolution (the 7x7 stem among them) needs no tap-major copy of its table.
+            by_tap = None
+            if not gathers_all(self.in_channels, kernel * kernel):
+                by_tap = self.sites.cached(("neighbours_by_tap",) + key, lambda: neighbours.t().contiguous())
             transposed = transposed_by_tap = None
             if x.requires_grad and torch.is_grad_enabled():
                 transposed, transposed_by_tap = self.sites.cached(
@@ -101,13 +104,15 @@ class SparseConv2d(nn.Conv2d):
             out = gather_gemm(x, self.weight, neighbours, by_tap, transposed, transposed_by_tap)
         return out if self.bias is None else out + self.bias
 
-    def _transposed(self, neighbours: torch.Tensor, num_inputs: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _transposed(self, neighbours: torch.Tensor, num_inputs: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Return the transposed table and its tap-major copy; a centred stride-1 window is its own mirror."""
         kernel, padding, dilation = self.kernel_size[0], self.padding[0], self.dilation[0]
         if self.stride[0] == 1 and 2 * padding == dilation * (kernel - 1):
             table = neighbours.flip(1)
         else:
             table = transposed_neighbours(neighbours, num_inputs)
+        if gathers_all(self.out_channels, kernel * kernel):
+            return table, None
         return table, table.t().contiguous()
 
     def _gather_dense(self, x: torch.Tensor) -> torch.Tensor:
