@@ -138,7 +138,9 @@ class LayerBench:
             self._module_variant("masked_channels_last", masked, self.dense_input, True, self.amp, threads),
             self._spconv_backend_variant("spconv_backend", threads),
         ]
-        if include_spconv_native and self.device.type == "cpu" and self.shape.kind in ("conv", "max_pool"):
+        # spconv has no grouped convolution (ConvNeXt's depthwise layers), so those run without its kernel.
+        grouped = getattr(self.shape.module, "groups", 1) != 1
+        if include_spconv_native and self.device.type == "cpu" and self.shape.kind in ("conv", "max_pool") and not grouped:
             # The backend's kernel at spconv's one thread shows what the kernel choice alone costs.
             variants.append(self._spconv_backend_variant("spconv_backend_1thread", 1))
             variants.append(self._spconv_native_variant())

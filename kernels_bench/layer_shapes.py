@@ -38,6 +38,8 @@ class LayerShape:
         height, width = self.input_size
         if self.kind == "conv":
             geometry = f"conv{self.kernel}x{self.kernel}/{self.stride} {self.in_channels}->{self.out_channels}"
+            if self.module.groups > 1:
+                geometry += f" groups={self.module.groups}"
         elif self.kind == "batch_norm":
             geometry = f"bn {self.in_channels}"
         else:
@@ -76,7 +78,7 @@ def collect_layer_shapes(model: str, input_size: Size2d) -> List[LayerShape]:
     def record(module: nn.Module, inputs: tuple, path: str) -> None:
         _, channels, height, width = inputs[0].shape
         kind, out_channels, kernel, stride, padding = _describe(module, channels)
-        key = (kind, channels, out_channels, kernel, stride, padding, height, width)
+        key = (kind, channels, out_channels, kernel, stride, padding, height, width, getattr(module, "groups", 1))
         if key not in shapes:
             input_stride = input_size[0] // height
             shapes[key] = LayerShape(
@@ -85,7 +87,7 @@ def collect_layer_shapes(model: str, input_size: Size2d) -> List[LayerShape]:
         shapes[key].paths.append(path)
 
     for root in family.module_names:
-        for path, module in getattr(dense, root).named_modules(prefix=root):
+        for path, module in dense.get_submodule(root).named_modules(prefix=root):
             if isinstance(module, TRACED_TYPES):
                 handles.append(module.register_forward_pre_hook(lambda m, inputs, path=path: record(m, inputs, path)))
     try:
