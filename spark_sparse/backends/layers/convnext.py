@@ -204,11 +204,13 @@ class SparseGlobalResponseNorm(GlobalResponseNorm):
         scale = self.sites.scale(self.in_stride)
         batch = self.sites.active.shape[0]
 
-        sum_squares = x.new_zeros(batch, x.shape[1]).index_add(0, scale.batch_index, x * x)
+        # Float32 sums at least: a half-precision sum of squares over many rows overflows.
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        sum_squares = wide.new_zeros(batch, x.shape[1]).index_add(0, scale.batch_index, wide * wide)
         # torch.norm's gradient at an all-zero channel is zero; sqrt's would be infinite.
         nonzero = sum_squares > 0
         norms = torch.where(nonzero, sum_squares, torch.ones_like(sum_squares)).sqrt() * nonzero
-        normalised = norms / (norms.mean(dim=1, keepdim=True) + self.eps)
+        normalised = (norms / (norms.mean(dim=1, keepdim=True) + self.eps)).to(x.dtype)
 
         return x + torch.addcmul(self.bias, self.weight, x * normalised.index_select(0, scale.batch_index))
 

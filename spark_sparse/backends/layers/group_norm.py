@@ -2,7 +2,8 @@
 
 A dense ``GroupNorm`` over a masked map would count hidden sites as zeros in
 each image's mean and variance. Here both come from the active sites alone, in
-two passes (mean, then the centred sum of squares), as ``torch.nn.GroupNorm`` computes.
+two passes (mean, then the centred sum of squares). Half-precision input is
+normalised in float32 and returned as float32, as autocast runs ``group_norm``.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class MaskedGroupNorm(nn.GroupNorm):
         if mask is None:
             return super().forward(x)
 
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         batch, channels, height, width = x.shape
         groups = self.num_groups
         grouped = x.reshape(batch, groups, channels // groups, height, width)
@@ -51,6 +53,7 @@ class SparseGroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_rows(x, self)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         scale = self.sites.scale(self.in_stride)
         batch = self.sites.active.shape[0]
         num_rows, channels = x.shape

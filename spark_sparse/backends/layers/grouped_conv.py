@@ -56,7 +56,8 @@ class DepthwiseConvFunction(torch.autograd.Function):
 
 def depthwise_conv_rows(rows: torch.Tensor, weight: torch.Tensor, neighbours_by_tap: torch.Tensor) -> torch.Tensor:
     """Convolve ``(N_in, C)`` rows with a ``(C, 1, kh, kw)`` depthwise weight; return ``(N_out, C)`` rows."""
-    weight_by_tap = weight.flatten(1).t()
+    # Under autocast the rows may be half precision while the weight stays float32.
+    weight_by_tap = weight.flatten(1).t().to(rows.dtype)
     return DepthwiseConvFunction.apply(rows, weight_by_tap, neighbours_by_tap)
 
 
@@ -93,7 +94,7 @@ class SparseGroupedConv2d(SparseConv2d):
             out = depthwise_conv_rows(x, self.weight, by_tap)
         else:
             out = grouped_conv_rows(x, self.weight, neighbours, self.groups)
-        return out if self.bias is None else out + self.bias
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
 def convert_grouped_conv(conv: nn.Conv2d, context: BuildContext) -> nn.Module:
