@@ -340,7 +340,11 @@ class SpconvEncoder(SparseEncoder):
             return [self.densify(rows, stride) for rows, stride in zip(stage_rows, self.stage_strides)]
 
     def densify(self, rows: torch.Tensor, stride: int) -> torch.Tensor:
-        """Scatter the ``(N, C)`` rows at ``stride`` into a ``(B, C, H, W)`` map that is zero at hidden sites."""
+        """Scatter the ``(N, C)`` rows at ``stride`` into a ``(B, C, H, W)`` map that is zero at hidden sites.
+
+        The map keeps the rows' channels-last memory layout, in which the dense
+        decoder's convolutions run fastest on the CPU.
+        """
         scale = self.sites.scale(stride)
         batch = self.sites.active.shape[0]
         height, width = scale.size
@@ -349,4 +353,4 @@ class SpconvEncoder(SparseEncoder):
             dense = rows
         else:
             dense = rows.new_zeros(batch * height * width, channels).index_copy(0, scale.rows, rows)
-        return dense.view(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
+        return dense.view(batch, height, width, channels).permute(0, 3, 1, 2)
