@@ -8,21 +8,33 @@ only the input rows for the backward pass, not the ``(N, K, C)`` gathered taps.
 Any other grouped convolution gathers one ``(N, K * C_in)`` matrix and runs one
 batched matrix product per group.
 
-NOTE: a 7x7 depthwise layer (B=8, C=96, 56x56 map, 40 % of sites active, forward
-plus backward, 1 thread, 2-core x86-64 CPU) took 172 ms per tap here, 1750 ms with
-one ``(N, 49, C)`` gather, and 83 ms as a dense channels-last convolution times
-the mask, so on the CPU the depthwise layer is slower than the masked backend's.
+NOTE: on the CPU the depthwise layer is slower than the masked backend's dense
+one. A 7x7 depthwise layer (B=8, C=96, 56x56 map, 40 % of sites active, forward
+plus backward, 1 thread, 2-core x86-64 CPU under a load average near 7) took
+324 ms in ``depthwise_conv_rows`` against 276 ms for ``F.conv2d`` in channels-last
+layout times the mask (median of 5 runs). Gathering one ``(N, 49, C)`` matrix
+instead of summing per tap took ten times as long.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..gather_conv import transposed_neighbours
 from ..registry import BuildContext
 from ..sparse import SparseConv2d, _check_rows, _input_stride, _square
+
+
+def _depthwise_sum(rows: torch.Tensor, weight_by_tap: torch.Tensor, table_by_tap: torch.Tensor) -> torch.Tensor:
+    """Sum, over the taps, each tap's gathered ``(N_out, C)`` rows times its ``(C,)`` weights; untracked."""
+    padded = torch.cat([rows, rows.new_zeros(2, rows.shape[1])])
+    out = rows.new_zeros(table_by_tap.shape[1], rows.shape[1])
+    for tap in range(table_by_tap.shape[0]):
+        out.addcmul_(padded.index_select(0, table_by_tap[tap]), weight_by_tap[tap])
+    return out
 
 
 class DepthwiseConvFunction(torch.autograd.Function):
@@ -30,35 +42,49 @@ class DepthwiseConvFunction(torch.autograd.Function):
 
     Entries ``N_in`` and ``N_in + 1`` of the table (a hidden or a padding tap)
     read zero. ``weight_by_tap`` is ``(K, C)``; the result is ``(N_out, C)``.
+    The input gradient is the same sum over the transposed ``(K, N_in)`` table,
+    which lists the output row that read each input row at each tap. A gather
+    runs there instead of ``index_add_``, whose CPU kernel adds one row at a time.
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, weight_by_tap: torch.Tensor, neighbours_by_tap: torch.Tensor) -> torch.Tensor:
-        padded = torch.cat([rows, rows.new_zeros(2, rows.shape[1])])
-        out = rows.new_zeros(neighbours_by_tap.shape[1], rows.shape[1])
-        for tap in range(neighbours_by_tap.shape[0]):
-            out.addcmul_(padded.index_select(0, neighbours_by_tap[tap]), weight_by_tap[tap])
-        ctx.save_for_backward(padded, weight_by_tap, neighbours_by_tap)
-        return out
+    def forward(
+        ctx,
+        rows: torch.Tensor,
+        weight_by_tap: torch.Tensor,
+        neighbours_by_tap: torch.Tensor,
+        transposed_by_tap: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(rows, weight_by_tap, neighbours_by_tap, transposed_by_tap)
+        return _depthwise_sum(rows, weight_by_tap, neighbours_by_tap)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, None]:
-        padded, weight_by_tap, neighbours_by_tap = ctx.saved_tensors
-        grad_padded = torch.zeros_like(padded)
-        grad_weight = torch.empty_like(weight_by_tap)
-        for tap in range(neighbours_by_tap.shape[0]):
-            index = neighbours_by_tap[tap]
-            grad_padded.index_add_(0, index, grad_out * weight_by_tap[tap])
-            grad_weight[tap] = (padded.index_select(0, index) * grad_out).sum(dim=0)
-        return grad_padded[:-2], grad_weight, None
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], None, None]:
+        rows, weight_by_tap, neighbours_by_tap, transposed_by_tap = ctx.saved_tensors
+        grad_rows = grad_weight = None
+
+        if ctx.needs_input_grad[0]:
+            grad_rows = _depthwise_sum(grad_out, weight_by_tap, transposed_by_tap)
+        if ctx.needs_input_grad[1]:
+            padded = torch.cat([rows, rows.new_zeros(2, rows.shape[1])])
+            grad_weight = torch.empty_like(weight_by_tap)
+            for tap in range(neighbours_by_tap.shape[0]):
+                grad_weight[tap] = (padded.index_select(0, neighbours_by_tap[tap]) * grad_out).sum(dim=0)
+        return grad_rows, grad_weight, None, None
 
 
-def depthwise_conv_rows(rows: torch.Tensor, weight: torch.Tensor, neighbours_by_tap: torch.Tensor) -> torch.Tensor:
-    """Convolve ``(N_in, C)`` rows with a ``(C, 1, kh, kw)`` depthwise weight; return ``(N_out, C)`` rows."""
+def depthwise_conv_rows(
+    rows: torch.Tensor, weight: torch.Tensor, neighbours_by_tap: torch.Tensor, transposed_by_tap: torch.Tensor
+) -> torch.Tensor:
+    """Convolve ``(N_in, C)`` rows with a ``(C, 1, kh, kw)`` depthwise weight; return ``(N_out, C)`` rows.
+
+    ``neighbours_by_tap`` is the tap-major ``(K, N_out)`` neighbour table and
+    ``transposed_by_tap`` the tap-major ``(K, N_in)`` transposed one.
+    """
     # Under autocast the rows may be half precision while the weight stays float32.
     weight_by_tap = weight.flatten(1).t().to(rows.dtype)
-    return DepthwiseConvFunction.apply(rows, weight_by_tap, neighbours_by_tap)
+    return DepthwiseConvFunction.apply(rows, weight_by_tap, neighbours_by_tap, transposed_by_tap)
 
 
 def grouped_conv_rows(rows: torch.Tensor, weight: torch.Tensor, neighbours: torch.Tensor, groups: int) -> torch.Tensor:
@@ -91,7 +117,12 @@ class SparseGroupedConv2d(SparseConv2d):
         neighbours = self.sites.neighbours(*key)
         if self.groups == self.in_channels == self.out_channels:
             by_tap = self.sites.cached(("neighbours_by_tap",) + key, lambda: neighbours.t().contiguous())
-            out = depthwise_conv_rows(x, self.weight, by_tap)
+            num_inputs = x.shape[0]
+            transposed_by_tap = self.sites.cached(
+                ("depthwise_transposed_by_tap",) + key,
+                lambda: transposed_neighbours(neighbours, num_inputs).t().contiguous(),
+            )
+            out = depthwise_conv_rows(x, self.weight, by_tap, transposed_by_tap)
         else:
             out = grouped_conv_rows(x, self.weight, neighbours, self.groups)
         return out if self.bias is None else out + self.bias.to(out.dtype)
