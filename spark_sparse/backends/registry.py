@@ -29,7 +29,7 @@ class UnsupportedLayerError(TypeError):
 
 @dataclass
 class BuildContext:
-    """What a converter may need besides the layer: the encoder's mask scope and options."""
+    """Build options passed to every converter: the encoder's mask scope, batch-norm sync and input strides."""
 
     sites: ActiveSites
     sync_bn: bool = False
