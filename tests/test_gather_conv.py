@@ -2,10 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from spark_sparse.backends.gather_conv import GATHER_ALL_MIN_CHANNELS, gather_gemm, transposed_neighbours
 from spark_sparse.backends.site_tables import SparseSites
-from spark_sparse.backends.sparse import SparseConv2d
+from spark_sparse.backends.registry import BuildContext
+from spark_sparse.backends.sparse import SPCONV_CONVERTERS, SparseConv2d
 from spark_sparse.masking import upsample_mask
 
 # A (2, 1, 2, 3) mask at stride 32 with hidden cells next to visible ones in both images.
@@ -97,3 +99,27 @@ def test_transposed_table_inverts_forward_table():
         assert transposed[table[output, tap], tap] == output
     claimed = int((transposed < table.shape[0]).sum())
     assert claimed == int((table < num_inputs).sum())
+
+
+@pytest.mark.parametrize("in_channels, groups", [(16, 1), (GATHER_ALL_MIN_CHANNELS, 1), (16, 16), (16, 4)])
+def test_conv_under_autocast_matches_dense_autocast(in_channels, groups):
+    """Under bfloat16 autocast a sparse layer casts as ``F.conv2d`` does, and the float32 weight gets its gradient."""
+    torch.manual_seed(0)
+    sites = SparseSites(32)
+    dense = nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=groups)
+    conv = SPCONV_CONVERTERS.convert(dense, BuildContext(sites=sites, input_strides={"layer": 8}, path="layer"))
+
+    with sites.bind(ACTIVE), torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = torch.randn(sites.scale(8).num_sites, in_channels, requires_grad=True)
+        out = conv(rows)
+        dense_out = F.conv2d(to_dense(rows, sites, 8), conv.weight, conv.bias, padding=1, groups=groups)
+        reference = to_rows(dense_out, sites, 8)
+
+    assert out.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (rows, conv.weight), grad)
+    theirs = torch.autograd.grad(reference, (rows, conv.weight), grad)
+    assert ours[1].dtype == torch.float32
+    torch.testing.assert_close(ours[0], theirs[0], rtol=2e-2, atol=5e-2, msg="input gradient")
+    torch.testing.assert_close(ours[1], theirs[1], rtol=2e-2, atol=5e-2, msg="weight gradient")

@@ -36,6 +36,21 @@ def gathers_all(in_channels: int, taps: int) -> bool:
     return in_channels >= GATHER_ALL_MIN_CHANNELS or taps == 1 or in_channels * taps <= GATHER_ALL_MAX_WIDTH
 
 
+def autocast_operands(rows: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Return ``rows`` and ``weight`` in the autocast dtype of their device when autocast is on there.
+
+    Under autocast ``F.conv2d`` casts both operands to the lower precision, so the
+    sparse layers do the same before their matrix products and in-place sums,
+    which autocast does not cast. The cast of the weight is differentiable, so its
+    gradient reaches the float32 parameter.
+    """
+    device_type = rows.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return rows, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    return rows.to(dtype), weight.to(dtype)
+
+
 def _pad_rows(rows: torch.Tensor) -> torch.Tensor:
     """Append the two zero rows that hidden (``N``) and padding (``N + 1``) taps read."""
     return torch.cat([rows, rows.new_zeros(2, rows.shape[1])])

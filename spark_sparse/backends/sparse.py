@@ -26,7 +26,13 @@ from torch import nn
 from ..norm import batch_norm_rows
 from . import spconv_engine
 from .encoder import SparseEncoder
-from .gather_conv import GATHER_ALL_MIN_CHANNELS, gather_gemm, gathers_all, transposed_neighbours  # noqa: F401 (re-exported)
+from .gather_conv import (  # noqa: F401 (GATHER_ALL_MIN_CHANNELS is re-exported)
+    GATHER_ALL_MIN_CHANNELS,
+    autocast_operands,
+    gather_gemm,
+    gathers_all,
+    transposed_neighbours,
+)
 from .registry import BuildContext, ConverterRegistry, UnsupportedLayerError
 from .site_tables import SparseSites, conv_output_size
 
@@ -79,18 +85,27 @@ class SparseConv2d(nn.Conv2d):
             x = self._gather_dense(x)
         _check_rows(x, self)
 
-        kernel, stride, padding = self.kernel_size[0], self.stride[0], self.padding[0]
+        kernel, stride, padding, dilation = self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]
         if kernel == 1 and stride == 1 and padding == 0:
             return F.linear(x, self.weight.flatten(1), self.bias)
+        key = (self.in_stride, kernel, stride, padding, dilation)
+        centred = stride == 1 and 2 * padding == dilation * (kernel - 1)
+        return self._convolve(x, self.sites.neighbours(*key), key, centred)
 
-        key = (self.in_stride, kernel, stride, padding, self.dilation[0])
-        neighbours = self.sites.neighbours(*key)
+    def _convolve(self, x: torch.Tensor, neighbours: torch.Tensor, key: tuple, centred: bool) -> torch.Tensor:
+        """Convolve the rows over ``neighbours``; ``key`` names the table's derived forms in the site cache.
+
+        ``centred`` marks a stride-1 window centred on its output site, whose
+        table with its taps reversed is its own transpose.
+        """
+        x, weight = autocast_operands(x, self.weight)
+        kernel = self.kernel_size[0]
         if spconv_engine.runs_on(x):
             num_inputs = x.shape[0]
             rule_book = self.sites.cached(
                 ("rule_book",) + key, lambda: spconv_engine.rule_book_from_neighbours(neighbours, num_inputs)
             )
-            out = spconv_engine.conv(x, self.weight, rule_book)
+            out = spconv_engine.conv(x, weight, rule_book)
         else:
             # A one-gather convolution (the 7x7 stem among them) needs no tap-major copy of its table.
             by_tap = None
@@ -99,19 +114,17 @@ class SparseConv2d(nn.Conv2d):
             transposed = transposed_by_tap = None
             if x.requires_grad and torch.is_grad_enabled():
                 transposed, transposed_by_tap = self.sites.cached(
-                    ("transposed_neighbours",) + key, lambda: self._transposed(neighbours, x.shape[0])
+                    ("transposed_neighbours",) + key, lambda: self._transposed(neighbours, x.shape[0], centred)
                 )
-            out = gather_gemm(x, self.weight, neighbours, by_tap, transposed, transposed_by_tap)
-        return out if self.bias is None else out + self.bias
+            out = gather_gemm(x, weight, neighbours, by_tap, transposed, transposed_by_tap)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
-    def _transposed(self, neighbours: torch.Tensor, num_inputs: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Return the transposed table and its tap-major copy; a centred stride-1 window is its own mirror."""
-        kernel, padding, dilation = self.kernel_size[0], self.padding[0], self.dilation[0]
-        if self.stride[0] == 1 and 2 * padding == dilation * (kernel - 1):
-            table = neighbours.flip(1)
-        else:
-            table = transposed_neighbours(neighbours, num_inputs)
-        if gathers_all(self.out_channels, kernel * kernel):
+    def _transposed(
+        self, neighbours: torch.Tensor, num_inputs: int, centred: bool
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Return the transposed table and its tap-major copy; a centred window is its own mirror."""
+        table = neighbours.flip(1) if centred else transposed_neighbours(neighbours, num_inputs)
+        if gathers_all(self.out_channels, neighbours.shape[1]):
             return table, None
         return table, table.t().contiguous()
 

@@ -16,10 +16,9 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from ...masking import ActiveSites
-from .. import spconv_engine
 from ..masked import MASKED_CONVERTERS, _apply_mask
 from ..registry import BuildContext, UnsupportedLayerError
-from ..sparse import SPCONV_CONVERTERS, SparseConv2d, _check_rows, _input_stride, _square, gather_gemm
+from ..sparse import SPCONV_CONVERTERS, SparseConv2d, _check_rows, _input_stride, _square
 
 
 class MaskedConv2dSame(Conv2dSame):
@@ -44,17 +43,8 @@ class SparseConv2dSame(SparseConv2d):
             window = self.sites.neighbours(self.in_stride, kernel + 1, 1, kernel // 2)
             neighbours = window.view(-1, kernel + 1, kernel + 1)[:, 1:, 1:].reshape(-1, kernel * kernel)
 
-        key = ("same", self.in_stride, kernel)
-        if spconv_engine.runs_on(x):
-            num_inputs = x.shape[0]
-            rule_book = self.sites.cached(
-                ("rule_book",) + key, lambda: spconv_engine.rule_book_from_neighbours(neighbours, num_inputs)
-            )
-            out = spconv_engine.conv(x, self.weight, rule_book)
-        else:
-            by_tap = self.sites.cached(("neighbours_by_tap",) + key, lambda: neighbours.t().contiguous())
-            out = gather_gemm(x, self.weight, neighbours, by_tap)
-        return out if self.bias is None else out + self.bias
+        # An odd kernel's window is centred on its output site, so its table reversed is its own transpose.
+        return self._convolve(x, neighbours, ("same", self.in_stride, kernel), centred=kernel % 2 == 1)
 
 
 def _layer_like(layer_type: type, conv: Conv2dSame) -> nn.Conv2d:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..gather_conv import transposed_neighbours
+from ..gather_conv import autocast_operands, transposed_neighbours
 from ..registry import BuildContext
 from ..sparse import SparseConv2d, _check_rows, _input_stride, _square
 
@@ -82,8 +82,7 @@ def depthwise_conv_rows(
     ``neighbours_by_tap`` is the tap-major ``(K, N_out)`` neighbour table and
     ``transposed_by_tap`` the tap-major ``(K, N_in)`` transposed one.
     """
-    # Under autocast the rows may be half precision while the weight stays float32.
-    weight_by_tap = weight.flatten(1).t().to(rows.dtype)
+    weight_by_tap = weight.flatten(1).t()
     return DepthwiseConvFunction.apply(rows, weight_by_tap, neighbours_by_tap, transposed_by_tap)
 
 
@@ -115,6 +114,7 @@ class SparseGroupedConv2d(SparseConv2d):
 
         key = (self.in_stride, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
         neighbours = self.sites.neighbours(*key)
+        x, weight = autocast_operands(x, self.weight)
         if self.groups == self.in_channels == self.out_channels:
             by_tap = self.sites.cached(("neighbours_by_tap",) + key, lambda: neighbours.t().contiguous())
             num_inputs = x.shape[0]
@@ -122,9 +122,9 @@ class SparseGroupedConv2d(SparseConv2d):
                 ("depthwise_transposed_by_tap",) + key,
                 lambda: transposed_neighbours(neighbours, num_inputs).t().contiguous(),
             )
-            out = depthwise_conv_rows(x, self.weight, by_tap, transposed_by_tap)
+            out = depthwise_conv_rows(x, weight, by_tap, transposed_by_tap)
         else:
-            out = grouped_conv_rows(x, self.weight, neighbours, self.groups)
+            out = grouped_conv_rows(x, weight, neighbours, self.groups)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
