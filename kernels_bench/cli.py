@@ -41,13 +41,20 @@ def mask_ratio(text: str) -> float:
     return value
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_repeats: int, default_warmup: int) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser, default_repeats: int, default_warmup: int, default_batch_size: int = 16
+) -> None:
     """Add the options for device, precision, shapes, repeats and output."""
     parser.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu or cuda")
     parser.add_argument(
         "--amp", action="store_true", help="run the masked and spconv cases under fp16 autocast (CUDA only)"
     )
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=default_batch_size,
+        help=f"images per batch (default {default_batch_size})",
+    )
     parser.add_argument(
         "--input-size", default="224", help="image size in pixels: one side, or H,W (default 224)"
     )

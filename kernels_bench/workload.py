@@ -16,39 +16,17 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from spark_sparse.backends import spconv_engine
 from spark_sparse.masking import draw_mask
+from spark_sparse.trainer.data import BUNDLED_PHOTOS, bundled_photo
 
-# Photographs that ship inside scikit-image's wheel, so they load with no network.
-PHOTO_NAMES = (
-    "astronaut",
-    "coffee",
-    "chelsea",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "colorwheel",
-    "camera",
-    "moon",
-    "coins",
-    "horse",
-    "grass",
-    "gravel",
-    "brick",
-    "page",
-)
+# The trainer's bundled photographs without its two drawings ("logo" and "text").
+PHOTO_NAMES = tuple(name for name in BUNDLED_PHOTOS if name not in ("logo", "text"))
 
 
 def photo_arrays(side: int = 0) -> Dict[str, np.ndarray]:
     """Return scikit-image's photos as RGB uint8 arrays, resized to ``side x side`` when ``side`` is set."""
-    from skimage import data as skimage_data
-
-    
     arrays = {}
     for name in PHOTO_NAMES:
-        array = np.asarray(getattr(skimage_data, name)())
-        if array.dtype == bool:
-            array = array.astype(np.uint8) * 255
-        image = Image.fromarray(array).convert("RGB")
+        image = Image.fromarray(bundled_photo(name)).convert("RGB")
         if side:
             image = image.resize((side, side), Image.BICUBIC)
         arrays[name] = np.asarray(image)

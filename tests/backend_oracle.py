@@ -6,6 +6,11 @@ The backend-against-backend comparison reuses the ResNet oracle of
 from __future__ import annotations
 
 import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 from typing import List, Sequence
 
 import timm
@@ -140,3 +145,38 @@ def check_one_patch_equals_cropped_timm(encoder: nn.Module, dense: nn.Module, im
             patch = ours[i, :, y * side : (y + 1) * side, x * side : (x + 1) * side]
             assert patch.shape == theirs[i].shape
             assert (patch - theirs[i]).abs().max().item() <= 1e-4 * theirs[i].abs().max().item()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_one_epoch_demo(tmp_path: Path, exp_name: str, model: str, *options: str) -> dict:
+    """Pre-train ``model`` for one epoch at 64x64 through ``main.py``; check the log and return the saved weights."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "main.py"),
+            f"--exp_name={exp_name}",
+            f"--model={model}",
+            *options,
+            "--input_size=64",
+            "--decoder_width=64",
+            "--dataloader_workers=0",
+            "--bs=6",
+            "--ep=1",
+            "--wp_ep=1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    out_dir = tmp_path / f"output_{exp_name}"
+    header, *epochs = [json.loads(line) for line in (out_dir / "pretrain_log.txt").read_text().splitlines()]
+    assert header["model"] == model
+    assert [line["epoch"] for line in epochs] == [1]
+    assert math.isfinite(epochs[0]["loss"])
+    return torch.load(out_dir / f"{model}_1kpretrained.pth", map_location="cpu")["module"]
+

@@ -1,10 +1,5 @@
 """ConvNeXt on both backends: against each other, against timm, its weights, and the trainer's demo."""
-import json
-import math
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -17,12 +12,12 @@ from backend_oracle import (
     check_spark_matches_masked,
     mask_case,
     randomize_weights,
+    run_one_epoch_demo,
 )
 from spark_sparse import build_encoder, build_spark
 from spark_sparse.backends.layers.convnext import MaskedLayerNorm2d, SparseConvNeXtBlock
 from spark_sparse.masking import draw_mask, upsample_mask
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -127,31 +122,5 @@ def test_output_stride_16_one_patch_equals_cropped_timm(backend, photos_64):
 
 
 def test_demo_runs_on_spconv(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "main.py"),
-            "--exp_name=convnext",
-            "--model=convnext_tiny",
-            "--sparse_conv=1",
-            "--input_size=64",
-            "--decoder_width=64",
-            "--dataloader_workers=0",
-            "--bs=6",
-            "--ep=1",
-            "--wp_ep=1",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-    assert result.returncode == 0, result.stderr[-2000:]
-    out_dir = tmp_path / "output_convnext"
-    header, *epochs = [json.loads(line) for line in (out_dir / "pretrain_log.txt").read_text().splitlines()]
-    assert header["model"] == "convnext_tiny"
-    assert [line["epoch"] for line in epochs] == [1]
-    assert math.isfinite(epochs[0]["loss"])
-    weights = torch.load(out_dir / "convnext_tiny_1kpretrained.pth", map_location="cpu")
-    timm.create_model("convnext_tiny", num_classes=0).load_state_dict(weights["module"], strict=True)
+    weights = run_one_epoch_demo(tmp_path, "convnext", "convnext_tiny", "--sparse_conv=1")
+    timm.create_model("convnext_tiny", num_classes=0).load_state_dict(weights, strict=True)

@@ -5,17 +5,11 @@ Models: seresnet50, resnext50_32x4d, resnet50 at output stride 16, ConvNeXt V2
 of squeeze-excite block, built through the encoder classes as the README shows.
 """
 import copy
-import json
-import math
-import subprocess
-import sys
 from functools import partial
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 import torchvision.ops
 from timm.layers import Conv2dSame
 from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
@@ -28,19 +22,19 @@ from backend_oracle import (
     check_spark_matches_masked,
     mask_case,
     randomize_weights,
+    run_one_epoch_demo,
 )
-from spark_sparse import LightDecoder, SparK, UnsupportedLayerError, build_encoder
+from spark_sparse import LightDecoder, SparK, UnsupportedLayerError
 from spark_sparse.backends.layers.global_pool import MaskedGlobalPool2d, SparseGlobalPool2d
 from spark_sparse.backends.layers.grouped_conv import SparseGroupedConv2d
 from spark_sparse.backends.masked import MASKED_CONVERTERS, MaskedEncoder
 from spark_sparse.backends.registry import BuildContext
 from spark_sparse.backends.site_tables import SparseSites
 from spark_sparse.backends.sparse import SPCONV_CONVERTERS, SpconvEncoder
-from spark_sparse.masking import ActiveSites, draw_mask, upsample_mask
+from spark_sparse.masking import ActiveSites, upsample_mask
 from spark_sparse.models import CONVNEXT, RESNET
 from spark_sparse.trainer.args import parse_args
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = [("seresnet50", 32), ("resnext50_32x4d", 32), ("resnet50", 16)]
 
 
@@ -336,31 +330,5 @@ def test_output_stride_option():
 
 
 def test_demo_runs_at_output_stride_16(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "main.py"),
-            "--exp_name=os16",
-            "--model=resnet50",
-            "--output_stride=16",
-            "--input_size=64",
-            "--decoder_width=64",
-            "--dataloader_workers=0",
-            "--bs=6",
-            "--ep=1",
-            "--wp_ep=1",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-    assert result.returncode == 0, result.stderr[-2000:]
-    out_dir = tmp_path / "output_os16"
-    header, *epochs = [json.loads(line) for line in (out_dir / "pretrain_log.txt").read_text().splitlines()]
-    assert header["model"] == "resnet50"
-    assert [line["epoch"] for line in epochs] == [1]
-    assert math.isfinite(epochs[0]["loss"])
-    weights = torch.load(out_dir / "resnet50_1kpretrained.pth", map_location="cpu")
-    timm.create_model("resnet50", num_classes=0, output_stride=16).load_state_dict(weights["module"], strict=True)
+    weights = run_one_epoch_demo(tmp_path, "os16", "resnet50", "--output_stride=16")
+    timm.create_model("resnet50", num_classes=0, output_stride=16).load_state_dict(weights, strict=True)

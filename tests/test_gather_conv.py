@@ -5,24 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from spark_sparse.backends.gather_conv import GATHER_ALL_MIN_CHANNELS, gather_gemm, transposed_neighbours
-from spark_sparse.backends.site_tables import SparseSites
 from spark_sparse.backends.registry import BuildContext
+from spark_sparse.backends.site_tables import SparseSites
 from spark_sparse.backends.sparse import SPCONV_CONVERTERS, SparseConv2d
 from spark_sparse.masking import upsample_mask
-
-# A (2, 1, 2, 3) mask at stride 32 with hidden cells next to visible ones in both images.
-ACTIVE = torch.tensor([[[[True, False, False], [False, True, False]]], [[[True, True, True], [False, False, False]]]])
-
-
-def to_rows(dense: torch.Tensor, sites: SparseSites, stride: int) -> torch.Tensor:
-    return dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1]).index_select(0, sites.scale(stride).rows)
-
-
-def to_dense(rows: torch.Tensor, sites: SparseSites, stride: int) -> torch.Tensor:
-    scale = sites.scale(stride)
-    height, width = scale.size
-    flat = rows.new_zeros(sites.active.shape[0] * height * width, rows.shape[1]).index_copy(0, scale.rows, rows)
-    return flat.view(sites.active.shape[0], height, width, -1).permute(0, 3, 1, 2)
+from test_spconv_layers import ACTIVE, to_dense, to_rows
 
 
 # 127 input channels take the per-tap path and 128 the one-gather path. 16 channels take one
@@ -51,7 +38,7 @@ def test_conv_gradients_match_dense(in_channels, kernel, stride, padding, dilati
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-4, atol=1e-4, msg="weight gradient")
 
 
-def test_stem_weight_gradient_matches_dense():
+def test_stem_gathers_dense_input():
     torch.manual_seed(0)
     sites = SparseSites(32)
     conv = SparseConv2d(3, 8, 7, stride=2, padding=3, bias=False)
@@ -61,6 +48,8 @@ def test_stem_weight_gradient_matches_dense():
     with sites.bind(ACTIVE):
         out = conv(image)
         reference = to_rows(F.conv2d(image, conv.weight, stride=2, padding=3), sites, 2)
+        with pytest.raises(ValueError, match="does not match"):
+            conv(image[:, :, :32])
 
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(out)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from kernels_bench.layer_cases import LayerBench, compare_outputs
@@ -99,6 +98,30 @@ def test_model_bench_writes_record(tmp_path):
     step = record["results"][-1]
     assert set(step["variants"]) == {"masked_nchw", "masked_channels_last", "spconv_nchw", "spconv_channels_last"}
     assert step["compared_spconv_variant"] == "spconv" + step["faster_masked_layout"][len("masked"):]
+
+
+def test_step_profile_writes_record(tmp_path):
+    result = run_script(
+        "profile_step.py", "--model", "resnet18", "--decoder-width", "64", "--top", "4", "--out-dir", str(tmp_path), *TINY
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ceiling with a free encoder" in result.stdout
+
+    record = json.loads(only_file(tmp_path, "profile-step-cpu-*.json").read_text())
+    assert record["machine"]["device"] == "cpu"
+    outcome = record["result"]
+    assert set(outcome["phases"]) == {"masked_nchw", "masked_channels_last", "spconv_channels_last"}
+    for name, phases in outcome["phases"].items():
+        assert list(phases) == ["encoder", "densify", "decoder_and_loss", "optimizer", "step"], name
+        for phase, figures in phases.items():
+            assert figures["median_ms"] > 0, f"{name} {phase}"
+    for key in ("step_speedup", "encoder_speedup", "step_speedup_ceiling"):
+        assert_positive_ratio(outcome[key], key)
+    for name, operators in outcome["top_operators"].items():
+        assert len(operators) == 4, name
+        assert all(op["self_ms"] > 0 and 0 < op["share"] <= 1 for op in operators), name
+        shares = [op["share"] for op in operators]
+        assert shares == sorted(shares, reverse=True), name
 
 
 def test_layer_bench_writes_record(tmp_path):

@@ -121,9 +121,10 @@ def test_encoder_leaves_input_unchanged(photos_64):
     assert torch.equal(images, photos_64)
 
 
-def test_two_encoders_interleaved_keep_their_masks(photos_64):
-    first = build_encoder("resnet18", 64).eval()
-    second = build_encoder("resnet18", 64).eval()
+@pytest.mark.parametrize("backend", ["masked", "spconv"])
+def test_two_encoders_interleaved_keep_their_masks(backend, photos_64):
+    first = build_encoder("resnet18", 64, backend=backend).eval()
+    second = build_encoder("resnet18", 64, backend=backend).eval()
     images = photos_64[:2]
     mask_a = torch.tensor([True, False, False, False]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
     mask_b = torch.tensor([False, True, True, True]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)

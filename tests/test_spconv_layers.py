@@ -4,20 +4,13 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from spark_sparse import build_encoder
 from spark_sparse.backends import spconv_engine
 from spark_sparse.backends.masked import MaskedAvgPool2d, MaskedBatchNorm2d, MaskedMaxPool2d
 from spark_sparse.backends.site_tables import SparseSites
-from spark_sparse.backends.sparse import (
-    GATHER_ALL_MIN_CHANNELS,
-    SparseAvgPool2d,
-    SparseBatchNorm2d,
-    SparseConv2d,
-    SparseMaxPool2d,
-    gather_gemm,
-)
+from spark_sparse.backends.gather_conv import GATHER_ALL_MIN_CHANNELS
+from spark_sparse.backends.sparse import SparseAvgPool2d, SparseBatchNorm2d, SparseConv2d, SparseMaxPool2d, gather_gemm
 from spark_sparse.masking import draw_mask, upsample_mask
 
 # A (2, 1, 2, 3) mask at stride 32: image 0 shows a corner and the centre-bottom cell,
@@ -134,22 +127,6 @@ def test_conv_matches_masked_dense(in_channels, kernel, stride, padding):
         torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_conv_gathers_dense_input():
-    torch.manual_seed(0)
-    sites = SparseSites(32)
-    conv = SparseConv2d(3, 8, 7, stride=2, padding=3, bias=False)
-    conv.sites, conv.in_stride = sites, 1
-    image = torch.randn(2, 3, 64, 96) * upsample_mask(ACTIVE, (64, 96))
-
-    with sites.bind(ACTIVE):
-        out = conv(image)
-        reference = to_rows(F.conv2d(image, conv.weight, stride=2, padding=3), sites, 2)
-        with pytest.raises(ValueError, match="does not match"):
-            conv(image[:, :, :32])
-
-    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
-
-
 def test_gather_gemm_matches_dense_for_both_paths():
     torch.manual_seed(0)
     sites = SparseSites(32)
@@ -257,28 +234,6 @@ def test_batch_norm_uses_active_rows_only(training):
 def test_batch_norm_rejects_dense_map():
     with pytest.raises(ValueError, match=r"\(N, C\) matrix"):
         SparseBatchNorm2d(4)(torch.randn(2, 4, 3, 3))
-
-
-def test_two_encoders_interleaved_keep_their_masks(photos_64):
-    first = build_encoder("resnet18", 64, backend="spconv").eval()
-    second = build_encoder("resnet18", 64, backend="spconv").eval()
-    images = photos_64[:2]
-    mask_a = torch.tensor([True, False, False, False]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
-    mask_b = torch.tensor([False, True, True, True]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
-    with torch.no_grad():
-        expected = first(images, mask_a)
-
-    # Run the second encoder in the middle of the first one's forward pass.
-    def run_second(*_):
-        second(images, mask_b)
-
-    handle = first.layer2.register_forward_hook(run_second)
-    with torch.no_grad():
-        interleaved = first(images, mask_a)
-    handle.remove()
-
-    for ours, reference in zip(interleaved, expected):
-        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, Iterator, Optional, Tuple, TypeVar
+from typing import Callable, Dict, Hashable, Iterator, Optional, TypeVar
 
 import torch
 

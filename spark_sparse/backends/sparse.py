@@ -26,13 +26,7 @@ from torch import nn
 from ..norm import batch_norm_rows
 from . import spconv_engine
 from .encoder import SparseEncoder
-from .gather_conv import (  # noqa: F401 (GATHER_ALL_MIN_CHANNELS is re-exported)
-    GATHER_ALL_MIN_CHANNELS,
-    autocast_operands,
-    gather_gemm,
-    gathers_all,
-    transposed_neighbours,
-)
+from .gather_conv import autocast_operands, gather_gemm, gathers_all, transposed_neighbours
 from .registry import BuildContext, ConverterRegistry, UnsupportedLayerError
 from .site_tables import SparseSites, conv_output_size
 

@@ -64,21 +64,26 @@ def find_images(data_path: str) -> List[Path]:
     return sorted(images)
 
 
-def write_bundled_photos(out_dir: Path) -> Path:
-    """Write scikit-image's bundled photographs as PNG files under ``out_dir`` (once); return the folder."""
+def bundled_photo(name: str) -> np.ndarray:
+    """Return scikit-image's bundled photograph ``name`` as a uint8 array (binary images scaled to 0 and 255)."""
     import skimage.data
 
+    pixels = np.asarray(getattr(skimage.data, name)())
+    if pixels.dtype == bool:
+        pixels = pixels.astype(np.uint8) * 255
+    return pixels
+
+
+def write_bundled_photos(out_dir: Path) -> Path:
+    """Write scikit-image's bundled photographs as PNG files under ``out_dir`` (once); return the folder."""
     folder = out_dir / BUNDLED_PHOTOS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for name in BUNDLED_PHOTOS:
         path = folder / f"{name}.png"
         if path.exists():
             continue
-        pixels = getattr(skimage.data, name)()
-        if pixels.dtype == bool:
-            pixels = pixels.astype(np.uint8) * 255
         partial = folder / f".{name}.png.partial"
-        Image.fromarray(pixels).save(partial, format="PNG")
+        Image.fromarray(bundled_photo(name)).save(partial, format="PNG")
         os.replace(partial, path)
     return folder
 
