@@ -6,6 +6,7 @@ import timm
 import torch
 
 from backend_oracle import (
+    assert_features_match,
     build_spark_pair,
     check_no_mask_equals_timm,
     check_one_patch_equals_cropped_timm,
@@ -25,8 +26,8 @@ def convnext_pair():
     return build_spark_pair("convnext_tiny")
 
 
-# Each case on one thread count keeps the float64 runs short; both counts are covered.
-@pytest.mark.parametrize("case, threads", [("masked", 2), ("all_visible", 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", ["masked", "all_visible"])
 def test_spark_matches_masked(convnext_pair, case, threads, photos_64):
     check_spark_matches_masked(convnext_pair, photos_64[:2], mask_case(case, (2, 2)), threads)
 
@@ -106,6 +107,23 @@ def test_large_convnext_weights_load_into_timm(model):
     reference.load_state_dict(state, strict=True, assign=True)
     assert sparse.downsample_ratio == 32
     assert sparse.feature_channels == [info["num_chs"] for info in reference.feature_info]
+
+
+@pytest.mark.parametrize("model", ["convnext_small", "convnext_base", "convnext_large"])
+def test_larger_convnext_matches_masked_and_timm(model, photos_64):
+    """The larger ConvNeXts share tiny's blocks at other depths and widths: features in float32, train mode."""
+    torch.manual_seed(0)
+    masked = build_encoder(model, 64, backend="masked")
+    randomize_weights(masked, seed=6)
+    sparse = build_encoder(model, 64, backend="spconv")
+    sparse.load_state_dict(masked.state_dict(), strict=True)
+    active = mask_case("masked", (2, 2))
+
+    with torch.no_grad():
+        features_ref = masked(photos_64[:2], active)
+        features = sparse(photos_64[:2], active)
+    assert_features_match(features, features_ref, active)
+    check_no_mask_equals_timm(model, "spconv", photos_64[:2])
 
 
 @pytest.mark.parametrize("backend", ["masked", "spconv"])

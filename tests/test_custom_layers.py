@@ -44,8 +44,8 @@ def model_pair(request):
     return (model, output_stride), build_spark_pair(model, output_stride)
 
 
-# Each case on one thread count keeps the float64 runs short; both counts are covered.
-@pytest.mark.parametrize("case, threads", [("masked", 2), ("all_visible", 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", ["masked", "all_visible"])
 def test_spark_matches_masked(model_pair, case, threads, photos_64):
     (_, output_stride), pair = model_pair
     grid = (64 // output_stride, 64 // output_stride)
