@@ -26,6 +26,7 @@ from backend_oracle import (
 )
 from spark_sparse import LightDecoder, SparK, UnsupportedLayerError
 from spark_sparse.backends.layers.global_pool import MaskedGlobalPool2d, SparseGlobalPool2d
+from spark_sparse.backends.layers import grouped_conv
 from spark_sparse.backends.layers.grouped_conv import SparseGroupedConv2d
 from spark_sparse.backends.masked import MASKED_CONVERTERS, MaskedEncoder
 from spark_sparse.backends.registry import BuildContext
@@ -222,8 +223,13 @@ def run_layer_pair(dense_layer: nn.Module, in_stride: int, out_stride: int, chan
     return dense_rows, rows, dense_grad, in_rows.grad, masked, sparse
 
 
+# A minimum density of 0 sends every centred stride-1 depthwise layer through the dense map, 2 none.
+@pytest.mark.parametrize("dense_min_density", [0.0, 2.0], ids=["dense_map", "tap_sum"])
 @pytest.mark.parametrize("in_channels, out_channels, groups, kernel, stride, padding, dilation", GROUPED_CASES)
-def test_grouped_conv_matches_masked(in_channels, out_channels, groups, kernel, stride, padding, dilation):
+def test_grouped_conv_matches_masked(
+    in_channels, out_channels, groups, kernel, stride, padding, dilation, dense_min_density, monkeypatch
+):
+    monkeypatch.setattr(grouped_conv, "DEPTHWISE_DENSE_MIN_DENSITY", dense_min_density)
     torch.manual_seed(14)
     conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation, groups, bias=True)
 

@@ -8,24 +8,34 @@ only the input rows for the backward pass, not the ``(N, K, C)`` gathered taps.
 Any other grouped convolution gathers one ``(N, K * C_in)`` matrix and runs one
 batched matrix product per group.
 
-NOTE: on the CPU the depthwise layer is slower than the masked backend's dense
-one. A 7x7 depthwise layer (B=8, C=96, 56x56 map, 40 % of sites active, forward
-plus backward, 1 thread, 2-core x86-64 CPU at a load average near 2) took 103 ms
-in ``depthwise_conv_rows`` against 62 ms for ``F.conv2d`` in channels-last layout
-times the mask (median of 5 runs). Gathering one ``(N, 49, C)`` matrix instead of
-summing per tap took ten times as long.
+A stride-1 depthwise layer whose window is centred on its output site takes a
+second route when enough sites are active: it scatters the rows into a zero-filled
+channels-last map, runs ``F.conv2d`` over it and gathers the active sites back.
+Hidden sites are zero in that map, so the active outputs are those of the sum over
+the taps. A depthwise layer does 49 multiply-adds per value for a 7x7 kernel, so
+its cost is memory traffic, and the 49 row gathers of the sum cost more than
+one dense pass. Measured on convnext_tiny's first depthwise layer (B=4, C=96,
+56x56 map, 40 % of sites active, 2 threads, 2-core x86-64 CPU): forward 9.97 ms
+by the sum over the taps against 1.26 ms for the masked backend's dense layer.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..gather_conv import autocast_operands, transposed_neighbours
 from ..registry import BuildContext
 from ..sparse import SparseConv2d, _check_rows, _input_stride, _square
+
+
+# A stride-1 depthwise layer runs through a dense map from this share of active sites up.
+# NOTE: an estimate from one shape: the dense route was 8 times faster at 40 % of
+# sites active (see the module docstring), which puts the break-even near 5 %.
+DEPTHWISE_DENSE_MIN_DENSITY = 0.05
 
 
 def _depthwise_sum(rows: torch.Tensor, weight_by_tap: torch.Tensor, table_by_tap: torch.Tensor) -> torch.Tensor:
@@ -115,7 +125,9 @@ class SparseGroupedConv2d(SparseConv2d):
         key = (self.in_stride, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
         neighbours = self.sites.neighbours(*key)
         x, weight = autocast_operands(x, self.weight)
-        if self.groups == self.in_channels == self.out_channels:
+        if self._runs_dense(x):
+            out = self._depthwise_through_dense_map(x, weight)
+        elif self.groups == self.in_channels == self.out_channels:
             by_tap = self.sites.cached(("neighbours_by_tap",) + key, lambda: neighbours.t().contiguous())
             num_inputs = x.shape[0]
             transposed_by_tap = self.sites.cached(
@@ -126,6 +138,32 @@ class SparseGroupedConv2d(SparseConv2d):
         else:
             out = grouped_conv_rows(x, weight, neighbours, self.groups)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _runs_dense(self, x: torch.Tensor) -> bool:
+        """Return whether this is a centred stride-1 depthwise layer on a map with enough active sites."""
+        kernel, padding, dilation = self.kernel_size[0], self.padding[0], self.dilation[0]
+        depthwise = self.groups == self.in_channels == self.out_channels
+        if not (depthwise and self.stride[0] == 1 and 2 * padding == dilation * (kernel - 1)):
+            return False
+        height, width = self.sites.size_at(self.in_stride)
+        return x.shape[0] >= DEPTHWISE_DENSE_MIN_DENSITY * self.sites.active.shape[0] * height * width
+
+    def _depthwise_through_dense_map(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Scatter the rows into a zero-filled map, convolve it densely and gather the active sites back."""
+        scale = self.sites.scale(self.in_stride)
+        batch = self.sites.active.shape[0]
+        height, width = scale.size
+        channels = x.shape[1]
+        dense = x.new_zeros(batch * height * width, channels).index_copy(0, scale.rows, x)
+        dense = dense.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        window = self.dilation[0] * (self.kernel_size[0] - 1) + 1
+        if min(height, width) <= window:
+            # oneDNN's channels-last depthwise backward is slow on a map no larger than the window:
+            # 15.4 ms against 3.9 ms in NCHW (forward plus backward, 7x7 kernel on a 7x7 map,
+            # B=4, C=768, 2 threads, 2-core x86-64 CPU), where channels-last wins on larger maps.
+            dense = dense.contiguous()
+        out = F.conv2d(dense, weight, None, 1, self.padding, self.dilation, self.groups)
+        return out.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, scale.rows)
 
 
 def convert_grouped_conv(conv: nn.Conv2d, context: BuildContext) -> nn.Module:
