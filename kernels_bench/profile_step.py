@@ -1,6 +1,6 @@
 """Step profile: where one SparK pre-training step spends its time, per backend, phase and operator.
 
-The step is split into three phases, timed interleaved across the variants:
+The step is split into four phases, timed interleaved across the variants:
 
 - ``encoder``: the encoder forward to its four dense stage outputs, and its
   backward from a fixed gradient;
@@ -44,10 +44,7 @@ from kernels_bench.workload import autocast, load_photos, machine_info, machine_
 from spark_sparse.models import SUPPORTED_MODELS, create_dense_model, downsample_ratio_of
 
 PHASES = ("encoder", "densify", "decoder_and_loss", "optimizer", "step")
-# The spconv encoder's output layout does not depend on the images' layout, so one spconv variant suffices.
-VARIANTS = ("masked_nchw", "masked_channels_last", "spconv_channels_last")
 MASKED_VARIANTS = ("masked_nchw", "masked_channels_last")
-SPARSE_VARIANT = "spconv_channels_last"
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -66,7 +63,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def phase_functions(variant: ModelVariant, active: torch.Tensor, amp: bool) -> Dict[str, Callable[[], object]]:
-    """Return the phases of one step on ``variant`` but the full step, each a function that runs it once."""
+    """Return the four phases of one step on ``variant``, each a function that runs it once."""
     spark, images = variant.module, variant.images
     device = images.device
     active = active.to(device)
@@ -76,8 +73,10 @@ def phase_functions(variant: ModelVariant, active: torch.Tensor, amp: bool) -> D
     generator = torch.Generator().manual_seed(0)
 
     def fixed_gradients(tensors: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
-        # Random gradients in each tensor's own dtype and memory layout.
-        return [None if x is None else torch.randn(x.shape, generator=generator).to(x) for x in tensors]
+        # Random gradients in each tensor's own dtype, device and memory layout (empty_like keeps the strides).
+        return [
+            None if x is None else torch.empty_like(x).copy_(torch.randn(x.shape, generator=generator)) for x in tensors
+        ]
 
     def backward(outputs: List[Optional[torch.Tensor]], gradients: List[Optional[torch.Tensor]]) -> None:
         pairs = [(x, g) for x, g in zip(outputs, gradients) if x is not None]
@@ -109,18 +108,31 @@ def phase_functions(variant: ModelVariant, active: torch.Tensor, amp: bool) -> D
     return {"encoder": encoder, "densify": densify, "decoder_and_loss": decoder_and_loss, "optimizer": optimizer}
 
 
-def top_operators(fn: Callable[[], object], count: int) -> List[Dict[str, object]]:
-    """Run ``fn`` once under ``torch.profiler``; return its ``count`` costliest operators by self CPU time."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+def top_operators(fn: Callable[[], object], count: int, device: torch.device) -> List[Dict[str, object]]:
+    """Run ``fn`` once under ``torch.profiler``; return its ``count`` costliest operators by self time.
+
+    Self time is CPU time on the CPU and kernel time on a CUDA device.
+    NOTE: the CUDA branch has not run on a GPU.
+    """
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def self_us(event) -> float:
+        return event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+
     events = prof.key_averages()
-    total_us = sum(event.self_cpu_time_total for event in events)
-    ranked = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:count]
+    total_us = sum(self_us(event) for event in events)
+    ranked = sorted(events, key=self_us, reverse=True)[:count]
     return [
         {
             "operator": event.key,
-            "self_ms": round(event.self_cpu_time_total / 1000.0, 2),
-            "share": round(event.self_cpu_time_total / max(total_us, 1), 4),
+            "self_ms": round(self_us(event) / 1000.0, 2),
+            "share": round(self_us(event) / max(total_us, 1), 4),
             "calls": event.count,
         }
         for event in ranked
@@ -132,13 +144,7 @@ def profile_step(args: argparse.Namespace, device: torch.device) -> Dict[str, ob
     photos = load_photos(args.batch_size, args.input_size, args.photos)
     grid = (args.input_size[0] // args.downsample_ratio, args.input_size[1] // args.downsample_ratio)
     active = seeded_mask(args.batch_size, grid, args.mask_ratio, args.seed)
-    variants = [
-        variant
-        for variant in build_step_variants(
-            args.model, args.input_size, photos, device, args.seed, args.amp, args.decoder_width
-        )
-        if variant.name in VARIANTS
-    ]
+    variants = build_step_variants(args.model, args.input_size, photos, device, args.seed, args.amp, args.decoder_width)
 
     cases: Dict[str, Callable[[], object]] = {}
     for variant in variants:
@@ -156,21 +162,23 @@ def profile_step(args: argparse.Namespace, device: torch.device) -> Dict[str, ob
 
     operators = {}
     for variant in variants:
-        operators[variant.name] = top_operators(cases[f"{variant.name}/step"], args.top)
+        operators[variant.name] = top_operators(cases[f"{variant.name}/step"], args.top, device)
     samples = interleave(cases, args.repeats, device)
 
     times = {
         variant.name: {phase: summarize(samples[f"{variant.name}/{phase}"]) for phase in PHASES} for variant in variants
     }
     faster = min(MASKED_VARIANTS, key=lambda name: times[name]["step"].median)
+    # The decoder's speed depends on its layout, so spconv is compared in the faster masked layout.
+    sparse = "spconv" + faster[len("masked"):]
     shared_phases = ("densify", "decoder_and_loss", "optimizer")
-    sparse_rest = [sum(parts) for parts in zip(*(samples[f"{SPARSE_VARIANT}/{phase}"] for phase in shared_phases))]
+    sparse_rest = [sum(parts) for parts in zip(*(samples[f"{sparse}/{phase}"] for phase in shared_phases))]
     return {
         "phases": {name: {phase: stats.to_json() for phase, stats in phases.items()} for name, phases in times.items()},
         "faster_masked_layout": faster,
-        "compared_spconv_variant": SPARSE_VARIANT,
-        "step_speedup": paired_ratios(samples[f"{faster}/step"], samples[f"{SPARSE_VARIANT}/step"]).to_json(""),
-        "encoder_speedup": paired_ratios(samples[f"{faster}/encoder"], samples[f"{SPARSE_VARIANT}/encoder"]).to_json(""),
+        "compared_spconv_variant": sparse,
+        "step_speedup": paired_ratios(samples[f"{faster}/step"], samples[f"{sparse}/step"]).to_json(""),
+        "encoder_speedup": paired_ratios(samples[f"{faster}/encoder"], samples[f"{sparse}/encoder"]).to_json(""),
         # The step's speed-up if spconv's encoder took no time at all.
         "step_speedup_ceiling": paired_ratios(samples[f"{faster}/step"], sparse_rest).to_json(""),
         "top_operators": operators,
@@ -192,12 +200,12 @@ def print_summary(record: Dict[str, object]) -> None:
     )
     for name, operators in result["top_operators"].items():
         print_table(
-            f"{name}: costliest operators of one step by self CPU time",
+            f"{name}: costliest operators of one step by self time",
             ["operator", "self ms", "share", "calls"],
             [[op["operator"], format_ms(op["self_ms"]), f"{100 * op['share']:.1f} %", str(op["calls"])] for op in operators],
         )
     print(
-        f"step speed-up of spconv over {result['faster_masked_layout']}: "
+        f"step speed-up of {result['compared_spconv_variant']} over {result['faster_masked_layout']}: "
         f"{format_ratio(result['step_speedup']['median'])}; encoder: "
         f"{format_ratio(result['encoder_speedup']['median'])}; ceiling with a free encoder: "
         f"{format_ratio(result['step_speedup_ceiling']['median'])}"

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from spark_sparse import build_encoder, build_spark
+from spark_sparse.backends.site_tables import SparseSites
 from spark_sparse.masking import draw_mask
 from spark_sparse.models import model_family
 from test_spconv_backend import assert_features_match, intra_op_threads, run_spark
@@ -180,3 +181,21 @@ def run_one_epoch_demo(tmp_path: Path, exp_name: str, model: str, *options: str)
     assert math.isfinite(epochs[0]["loss"])
     return torch.load(out_dir / f"{model}_1kpretrained.pth", map_location="cpu")["module"]
 
+
+# A (2, 1, 2, 3) mask at stride 32: image 0 shows a corner and the centre-bottom cell,
+# image 1 the top row.
+ACTIVE = torch.tensor([[[[True, False, False], [False, True, False]]], [[[True, True, True], [False, False, False]]]])
+
+
+def to_rows(dense: torch.Tensor, sites: SparseSites, stride: int) -> torch.Tensor:
+    """Gather the active sites of a ``(B, C, H, W)`` map at ``stride`` into ``(N, C)`` rows."""
+    return dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1]).index_select(0, sites.scale(stride).rows)
+
+
+def to_dense(rows: torch.Tensor, sites: SparseSites, stride: int) -> torch.Tensor:
+    """Scatter ``(N, C)`` rows at ``stride`` into a zero-filled ``(B, C, H, W)`` map."""
+    scale = sites.scale(stride)
+    batch = sites.active.shape[0]
+    height, width = scale.size
+    flat = rows.new_zeros(batch * height * width, rows.shape[1]).index_copy(0, scale.rows, rows)
+    return flat.view(batch, height, width, -1).permute(0, 3, 1, 2)

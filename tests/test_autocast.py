@@ -32,7 +32,10 @@ def test_bfloat16_step_matches_masked(model, photos_96):
         loss.backward()
         # ConvNeXt's head norm is kept for the export but takes no part in pre-training.
         grads = {name: p.grad for name, p in spark.named_parameters() if not name.startswith("encoder.head.")}
-        assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+        for name, grad in grads.items():
+            assert grad is not None, name
+            assert grad.dtype == torch.float32, name
+            assert torch.isfinite(grad).all(), name
         return loss.detach(), torch.cat([grads[name].flatten() for name in sorted(grads)])
 
     loss_fp32, grad_fp32 = step(masked, autocast=False)

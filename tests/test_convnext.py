@@ -20,7 +20,6 @@ from spark_sparse.backends.layers.convnext import MaskedLayerNorm2d, SparseConvN
 from spark_sparse.masking import draw_mask, upsample_mask
 
 
-
 @pytest.fixture(scope="module")
 def convnext_pair():
     return build_spark_pair("convnext_tiny")

@@ -224,18 +224,30 @@ def run_layer_pair(dense_layer: nn.Module, in_stride: int, out_stride: int, chan
 
 
 # A minimum density of 0 sends every centred stride-1 depthwise layer through the dense map, 2 none.
+# At input stride 16 the 4x6 map is no larger than a 7x7 window, so the dense map runs in NCHW.
 @pytest.mark.parametrize("dense_min_density", [0.0, 2.0], ids=["dense_map", "tap_sum"])
+@pytest.mark.parametrize("in_stride", [4, 16])
 @pytest.mark.parametrize("in_channels, out_channels, groups, kernel, stride, padding, dilation", GROUPED_CASES)
 def test_grouped_conv_matches_masked(
-    in_channels, out_channels, groups, kernel, stride, padding, dilation, dense_min_density, monkeypatch
+    in_channels, out_channels, groups, kernel, stride, padding, dilation, in_stride, dense_min_density, monkeypatch
 ):
     monkeypatch.setattr(grouped_conv, "DEPTHWISE_DENSE_MIN_DENSITY", dense_min_density)
+    dense_map_calls = []
+    through_dense_map = SparseGroupedConv2d._depthwise_through_dense_map
+
+    def counted(layer, x, weight):
+        dense_map_calls.append(layer)
+        return through_dense_map(layer, x, weight)
+
+    monkeypatch.setattr(SparseGroupedConv2d, "_depthwise_through_dense_map", counted)
     torch.manual_seed(14)
     conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation, groups, bias=True)
 
-    dense_rows, rows, dense_grad, grad, masked, sparse = run_layer_pair(conv, 4, 4 * stride, in_channels)
+    dense_rows, rows, dense_grad, grad, masked, sparse = run_layer_pair(conv, in_stride, in_stride * stride, in_channels)
 
     assert isinstance(sparse, SparseGroupedConv2d)
+    centred_depthwise = groups == in_channels == out_channels and stride == 1 and 2 * padding == dilation * (kernel - 1)
+    assert len(dense_map_calls) == (1 if centred_depthwise and dense_min_density == 0.0 else 0)
     torch.testing.assert_close(rows, dense_rows, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, dense_grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(sparse.weight.grad, masked.weight.grad, rtol=1e-10, atol=1e-12)

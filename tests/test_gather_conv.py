@@ -4,12 +4,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backend_oracle import ACTIVE, to_dense, to_rows
 from spark_sparse.backends.gather_conv import GATHER_ALL_MIN_CHANNELS, gather_gemm, transposed_neighbours
+from spark_sparse.backends.layers import grouped_conv
 from spark_sparse.backends.registry import BuildContext
 from spark_sparse.backends.site_tables import SparseSites
 from spark_sparse.backends.sparse import SPCONV_CONVERTERS, SparseConv2d
 from spark_sparse.masking import upsample_mask
-from test_spconv_layers import ACTIVE, to_dense, to_rows
 
 
 # 127 input channels take the per-tap path and 128 the one-gather path. 16 channels take one
@@ -90,9 +91,13 @@ def test_transposed_table_inverts_forward_table():
     assert claimed == int((table < num_inputs).sum())
 
 
+# The depthwise case (16 groups of 16 channels) runs through the dense map when the minimum
+# density is 0, and as a sum over the taps when it is 2.
+@pytest.mark.parametrize("dense_min_density", [0.0, 2.0], ids=["dense_map", "tap_sum"])
 @pytest.mark.parametrize("in_channels, groups", [(16, 1), (GATHER_ALL_MIN_CHANNELS, 1), (16, 16), (16, 4)])
-def test_conv_under_autocast_matches_dense_autocast(in_channels, groups):
+def test_conv_under_autocast_matches_dense_autocast(in_channels, groups, dense_min_density, monkeypatch):
     """Under bfloat16 autocast a sparse layer casts as ``F.conv2d`` does, and the float32 weight gets its gradient."""
+    monkeypatch.setattr(grouped_conv, "DEPTHWISE_DENSE_MIN_DENSITY", dense_min_density)
     torch.manual_seed(0)
     sites = SparseSites(32)
     dense = nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=groups)

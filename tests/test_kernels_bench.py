@@ -110,7 +110,8 @@ def test_step_profile_writes_record(tmp_path):
     record = json.loads(only_file(tmp_path, "profile-step-cpu-*.json").read_text())
     assert record["machine"]["device"] == "cpu"
     outcome = record["result"]
-    assert set(outcome["phases"]) == {"masked_nchw", "masked_channels_last", "spconv_channels_last"}
+    assert set(outcome["phases"]) == {"masked_nchw", "masked_channels_last", "spconv_nchw", "spconv_channels_last"}
+    assert outcome["compared_spconv_variant"] == "spconv" + outcome["faster_masked_layout"][len("masked"):]
     for name, phases in outcome["phases"].items():
         assert list(phases) == ["encoder", "densify", "decoder_and_loss", "optimizer", "step"], name
         for phase, figures in phases.items():

@@ -5,31 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backend_oracle import ACTIVE, to_dense, to_rows
 from spark_sparse import build_encoder
 from spark_sparse.backends import spconv_engine
+from spark_sparse.backends.gather_conv import GATHER_ALL_MIN_CHANNELS
 from spark_sparse.backends.masked import MaskedAvgPool2d, MaskedBatchNorm2d, MaskedMaxPool2d
 from spark_sparse.backends.site_tables import SparseSites
-from spark_sparse.backends.gather_conv import GATHER_ALL_MIN_CHANNELS
 from spark_sparse.backends.sparse import SparseAvgPool2d, SparseBatchNorm2d, SparseConv2d, SparseMaxPool2d, gather_gemm
 from spark_sparse.masking import draw_mask, upsample_mask
-
-# A (2, 1, 2, 3) mask at stride 32: image 0 shows a corner and the centre-bottom cell,
-# image 1 the top row.
-ACTIVE = torch.tensor([[[[True, False, False], [False, True, False]]], [[[True, True, True], [False, False, False]]]])
-
-
-def to_rows(dense: torch.Tensor, sites: SparseSites, stride: int) -> torch.Tensor:
-    """Gather the active sites of a ``(B, C, H, W)`` map at ``stride`` into ``(N, C)`` rows."""
-    return dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1]).index_select(0, sites.scale(stride).rows)
-
-
-def to_dense(rows: torch.Tensor, sites: SparseSites, stride: int) -> torch.Tensor:
-    """Scatter ``(N, C)`` rows at ``stride`` into a zero-filled ``(B, C, H, W)`` map."""
-    scale = sites.scale(stride)
-    batch = sites.active.shape[0]
-    height, width = scale.size
-    flat = rows.new_zeros(batch * height * width, rows.shape[1]).index_copy(0, scale.rows, rows)
-    return flat.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
 def test_scale_rows_follow_active_sites():
@@ -91,9 +74,9 @@ def test_tables_built_once_per_call(photos_64):
     finally:
         SparseSites._build_neighbours = original
 
-    # The stem (7x7/2 at stride 1), max pool (3x3/2 at 2), a 3x3/1 table at strides
-    # 4 to 32, and a 3x3/2 and 1x1/2 table at strides 4 to 16.
-    assert len(builds) == 12
+    # The stem (7x7/2 at stride 1), a 3x3/1 table at strides 4 to 32, and a 3x3/2 and
+    # 1x1/2 table at strides 4 to 16. Max pooling runs on the dense map and needs none.
+    assert len(builds) == 11
     assert set(builds.values()) == {1}
 
 

@@ -45,7 +45,8 @@ def autocast_operands(rows: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.T
     gradient reaches the float32 parameter.
     """
     device_type = rows.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Autocast leaves float64 operations in float64.
+    if not torch.is_autocast_enabled(device_type) or rows.dtype == torch.float64:
         return rows, weight
     dtype = torch.get_autocast_dtype(device_type)
     return rows.to(dtype), weight.to(dtype)

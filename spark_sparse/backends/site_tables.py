@@ -90,6 +90,32 @@ class SparseSites(ActiveSites):
         """Return the active sites of the feature map at ``stride``."""
         return self.cached(("scale", stride), lambda: self._build_scale(stride))
 
+    def scatter(self, rows: torch.Tensor, stride: int) -> torch.Tensor:
+        """Return the ``(N, C)`` rows at ``stride`` as a ``(B, C, H, W)`` map, zero at hidden sites.
+
+        The map's memory is channels-last, the rows' own layout, so a map in
+        which every site is active is a view of the rows.
+        """
+        scale = self.scale(stride)
+        batch = self.active.shape[0]
+        height, width = scale.size
+        channels = rows.shape[1]
+        if scale.num_sites == batch * height * width:
+            dense = rows
+        else:
+            dense = rows.new_zeros(batch * height * width, channels).index_copy(0, scale.rows, rows)
+        return dense.view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+    def gather(self, dense: torch.Tensor, stride: int) -> torch.Tensor:
+        """Return the ``(N, C)`` rows of the active sites at ``stride`` of a ``(B, C, H, W)`` map."""
+        scale = self.scale(stride)
+        if tuple(dense.shape[-2:]) != scale.size:
+            raise ValueError(
+                f"map of size {tuple(dense.shape[-2:])} does not match the {scale.size} map "
+                f"at stride {stride} of the bound mask"
+            )
+        return dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1]).index_select(0, scale.rows)
+
     def neighbours(self, in_stride: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> torch.Tensor:
         """Return the ``(N_out, kernel * kernel)`` neighbour table of a ``kernel x kernel`` window.
 
@@ -97,8 +123,8 @@ class SparseSites(ActiveSites):
         the window at the ``i``-th active site of the output scale (stride
         ``in_stride * stride``). A tap on a hidden input site contains ``N_in`` and
         a tap in the padding contains ``N_in + 1``, so callers append one row for
-        each: two zero rows for a convolution, a zero and a ``-inf`` row for max
-        pooling. The output sites are exactly the next scale's active sites.
+        each, such as two zero rows for a convolution. The output sites are
+        exactly the next scale's active sites.
         Taps lie ``dilation`` sites apart.
         """
         key = ("neighbours", in_stride, kernel, stride, padding, dilation)

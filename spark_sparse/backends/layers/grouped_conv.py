@@ -12,11 +12,12 @@ A stride-1 depthwise layer whose window is centred on its output site takes a
 second route when enough sites are active: it scatters the rows into a zero-filled
 channels-last map, runs ``F.conv2d`` over it and gathers the active sites back.
 Hidden sites are zero in that map, so the active outputs are those of the sum over
-the taps. A depthwise layer does 49 multiply-adds per value for a 7x7 kernel, so
-its cost is memory traffic, and the 49 row gathers of the sum cost more than
-one dense pass. Measured on convnext_tiny's first depthwise layer (B=4, C=96,
-56x56 map, 40 % of sites active, 2 threads, 2-core x86-64 CPU): forward 9.97 ms
-by the sum over the taps against 1.26 ms for the masked backend's dense layer.
+the taps. A depthwise layer does only 49 multiply-adds per value for a 7x7 kernel,
+so its cost is memory traffic, and the sum's 49 row gathers cost more than one
+dense pass. ``kernels_bench/bench_layers.py`` on convnext_tiny's first depthwise
+shape (B=4, C=96, 56x56 map, 40 % of sites active, 2 threads, 2-core x86-64 CPU),
+forward plus backward: 46.97 ms by the sum over the taps, 14.08 ms through the
+dense map, 15.46 ms for the masked backend's channels-last layer.
 """
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ from ..sparse import SparseConv2d, _check_rows, _input_stride, _square
 
 
 # A stride-1 depthwise layer runs through a dense map from this share of active sites up.
-# NOTE: an estimate from one shape: the dense route was 8 times faster at 40 % of
-# sites active (see the module docstring), which puts the break-even near 5 %.
-DEPTHWISE_DENSE_MIN_DENSITY = 0.05
+# NOTE: an estimate from one shape. The dense map's cost does not depend on the share and
+# the sum's grows with it, so the figures in the module docstring break even near 12 %.
+DEPTHWISE_DENSE_MIN_DENSITY = 0.12
 
 
 def _depthwise_sum(rows: torch.Tensor, weight_by_tap: torch.Tensor, table_by_tap: torch.Tensor) -> torch.Tensor:
@@ -150,20 +151,16 @@ class SparseGroupedConv2d(SparseConv2d):
 
     def _depthwise_through_dense_map(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Scatter the rows into a zero-filled map, convolve it densely and gather the active sites back."""
-        scale = self.sites.scale(self.in_stride)
-        batch = self.sites.active.shape[0]
-        height, width = scale.size
-        channels = x.shape[1]
-        dense = x.new_zeros(batch * height * width, channels).index_copy(0, scale.rows, x)
-        dense = dense.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        dense = self.sites.scatter(x, self.in_stride)
+        height, width = dense.shape[-2:]
         window = self.dilation[0] * (self.kernel_size[0] - 1) + 1
         if min(height, width) <= window:
             # oneDNN's channels-last depthwise backward is slow on a map no larger than the window:
-            # 15.4 ms against 3.9 ms in NCHW (forward plus backward, 7x7 kernel on a 7x7 map,
-            # B=4, C=768, 2 threads, 2-core x86-64 CPU), where channels-last wins on larger maps.
+            # bench_layers.py gave 13.72 ms against 3.79 ms in NCHW (dense forward plus backward,
+            # 7x7 kernel on a 7x7 map, B=4, C=768, 2 threads), and channels-last wins on larger maps.
             dense = dense.contiguous()
         out = F.conv2d(dense, weight, None, 1, self.padding, self.dilation, self.groups)
-        return out.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, scale.rows)
+        return self.sites.gather(out, self.in_stride)
 
 
 def convert_grouped_conv(conv: nn.Conv2d, context: BuildContext) -> nn.Module:
