@@ -95,7 +95,7 @@ def test_transposed_table_inverts_forward_table():
 # density is 0, and as a sum over the taps when it is 2.
 @pytest.mark.parametrize("dense_min_density", [0.0, 2.0], ids=["dense_map", "tap_sum"])
 @pytest.mark.parametrize("in_channels, groups", [(16, 1), (GATHER_ALL_MIN_CHANNELS, 1), (16, 16), (16, 4)])
-def test_conv_under_autocast_matches_dense_autocast(in_channels, groups, dense_min_density, monkeypatch):
+def test_conv_autocast_matches_dense(in_channels, groups, dense_min_density, monkeypatch):
     """Under bfloat16 autocast a sparse layer casts as ``F.conv2d`` does, and the float32 weight gets its gradient."""
     monkeypatch.setattr(grouped_conv, "DEPTHWISE_DENSE_MIN_DENSITY", dense_min_density)
     torch.manual_seed(0)
