@@ -74,9 +74,9 @@ def test_tables_built_once_per_call(photos_64):
     finally:
         SparseSites._build_neighbours = original
 
-    # The stem (7x7/2 at stride 1), a 3x3/1 table at strides 4 to 32, and a 3x3/2 and
-    # 1x1/2 table at strides 4 to 16. Max pooling runs on the dense map and needs none.
-    assert len(builds) == 11
+    # The stem (7x7/2 at stride 1), max pool (3x3/2 at 2), a 3x3/1 table at strides
+    # 4 to 32, and a 3x3/2 and 1x1/2 table at strides 4 to 16.
+    assert len(builds) == 12
     assert set(builds.values()) == {1}
 
 

@@ -123,8 +123,8 @@ class SparseSites(ActiveSites):
         the window at the ``i``-th active site of the output scale (stride
         ``in_stride * stride``). A tap on a hidden input site contains ``N_in`` and
         a tap in the padding contains ``N_in + 1``, so callers append one row for
-        each, such as two zero rows for a convolution. The output sites are
-        exactly the next scale's active sites.
+        each: two zero rows for a convolution, a zero and a ``-inf`` row for max
+        pooling. The output sites are exactly the next scale's active sites.
         Taps lie ``dilation`` sites apart.
         """
         key = ("neighbours", in_stride, kernel, stride, padding, dilation)
