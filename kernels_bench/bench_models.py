@@ -42,6 +42,7 @@ from kernels_bench.model_cases import (
     ModelVariant,
     build_encoder_variants,
     build_step_variants,
+    counterpart,
     iteration,
 )
 from kernels_bench.report import (
@@ -83,13 +84,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.input_size = sizes.pop()
     args.downsample_ratios = ratios
     return args
-
-
-def counterpart(benchmark: str, masked_name: str) -> str:
-    """Return the spconv variant compared with a masked one: the same layout where the step has both."""
-    if benchmark == "pretrain_step":
-        return "spconv" + masked_name[len("masked"):]
-    return "spconv"
 
 
 def bench_ratio(

@@ -30,6 +30,13 @@ BASE_LR = 2e-4
 WEIGHT_DECAY = 0.04
 
 
+def counterpart(benchmark: str, masked_name: str) -> str:
+    """Return the spconv variant compared with a masked one: the same layout where the step has both."""
+    if benchmark == "pretrain_step":
+        return "spconv" + masked_name[len("masked"):]
+    return "spconv"
+
+
 @dataclass
 class ModelVariant:
     """One backend and memory layout of a model, with its input images in that layout."""

@@ -38,13 +38,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from kernels_bench.cli import add_common_arguments, check_shapes, mask_ratio, positive_int
 from kernels_bench.measure import interleave, paired_ratios, summarize
-from kernels_bench.model_cases import ModelVariant, build_step_variants, iteration
+from kernels_bench.model_cases import MASKED_VARIANTS, ModelVariant, build_step_variants, counterpart, iteration
 from kernels_bench.report import format_ms, format_ratio, print_table, record_stem, write_record
 from kernels_bench.workload import autocast, load_photos, machine_info, machine_kind, resolve_device, seeded_mask
 from spark_sparse.models import SUPPORTED_MODELS, create_dense_model, downsample_ratio_of
 
 PHASES = ("encoder", "densify", "decoder_and_loss", "optimizer", "step")
-MASKED_VARIANTS = ("masked_nchw", "masked_channels_last")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -170,7 +169,7 @@ def profile_step(args: argparse.Namespace, device: torch.device) -> Dict[str, ob
     }
     faster = min(MASKED_VARIANTS, key=lambda name: times[name]["step"].median)
     # The decoder's speed depends on its layout, so spconv is compared in the faster masked layout.
-    sparse = "spconv" + faster[len("masked"):]
+    sparse = counterpart("pretrain_step", faster)
     shared_phases = ("densify", "decoder_and_loss", "optimizer")
     sparse_rest = [sum(parts) for parts in zip(*(samples[f"{sparse}/{phase}"] for phase in shared_phases))]
     return {

@@ -12,7 +12,7 @@ from spark_sparse.masking import draw_mask
 def test_bfloat16_step_matches_masked(model, photos_96):
     """Under CPU bfloat16 autocast the spconv backend is as accurate as the masked one.
 
-    bfloat16 keeps 8 mantissa bits, and the batch norms of these small inputs
+    bfloat16 keeps 8 bits of precision, and the batch norms of these small inputs
     normalise over a few rows, so the masked backend's own bfloat16 gradient
     points only about 0.9 (cosine) along its float32 one. The check is therefore
     that spconv's bfloat16 loss matches to 2 % and that its gradient is no further

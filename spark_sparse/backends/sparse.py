@@ -83,8 +83,12 @@ class SparseConv2d(nn.Conv2d):
         if kernel == 1 and stride == 1 and padding == 0:
             return F.linear(x, self.weight.flatten(1), self.bias)
         key = (self.in_stride, kernel, stride, padding, dilation)
-        centred = stride == 1 and 2 * padding == dilation * (kernel - 1)
-        return self._convolve(x, self.sites.neighbours(*key), key, centred)
+        return self._convolve(x, self.sites.neighbours(*key), key, self._centred())
+
+    def _centred(self) -> bool:
+        """Return whether the window has stride 1 and is centred on its output site."""
+        kernel, padding, dilation = self.kernel_size[0], self.padding[0], self.dilation[0]
+        return self.stride[0] == 1 and 2 * padding == dilation * (kernel - 1)
 
     def _convolve(self, x: torch.Tensor, neighbours: torch.Tensor, key: tuple, centred: bool) -> torch.Tensor:
         """Convolve the rows over ``neighbours``; ``key`` names the table's derived forms in the site cache.
@@ -235,19 +239,21 @@ def convert_conv(conv: nn.Conv2d, context: BuildContext) -> nn.Module:
             f"convolution at '{context.path}' has padding_mode={conv.padding_mode!r}; the spconv backend "
             f"supports only zero padding (use the masked backend for this model)"
         )
+    layer_type = SparseConv2d
     if conv.groups != 1:
         # Imported here because the grouped layer subclasses SparseConv2d from this module.
-        from .layers.grouped_conv import convert_grouped_conv
+        from .layers.grouped_conv import SparseGroupedConv2d
 
-        return convert_grouped_conv(conv, context)
+        layer_type = SparseGroupedConv2d
 
-    layer = SparseConv2d(
+    layer = layer_type(
         conv.in_channels,
         conv.out_channels,
         kernel,
         stride=stride,
         padding=padding,
         dilation=dilation,
+        groups=conv.groups,
         bias=conv.bias is not None,
         device=conv.weight.device,
         dtype=conv.weight.dtype,

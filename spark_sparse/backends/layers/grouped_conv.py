@@ -25,12 +25,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..gather_conv import autocast_operands, transposed_neighbours
-from ..registry import BuildContext
-from ..sparse import SparseConv2d, _check_rows, _input_stride, _square
+from ..sparse import SparseConv2d, _check_rows
 
 
 # A stride-1 depthwise layer runs through a dense map from this share of active sites up.
@@ -123,12 +121,14 @@ class SparseGroupedConv2d(SparseConv2d):
             x = self._gather_dense(x)
         _check_rows(x, self)
 
-        key = (self.in_stride, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
-        neighbours = self.sites.neighbours(*key)
         x, weight = autocast_operands(x, self.weight)
         if self._runs_dense(x):
             out = self._depthwise_through_dense_map(x, weight)
-        elif self.groups == self.in_channels == self.out_channels:
+            return out if self.bias is None else out + self.bias.to(out.dtype)
+
+        key = (self.in_stride, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
+        neighbours = self.sites.neighbours(*key)
+        if self.groups == self.in_channels == self.out_channels:
             by_tap = self.sites.cached(("neighbours_by_tap",) + key, lambda: neighbours.t().contiguous())
             num_inputs = x.shape[0]
             transposed_by_tap = self.sites.cached(
@@ -142,9 +142,8 @@ class SparseGroupedConv2d(SparseConv2d):
 
     def _runs_dense(self, x: torch.Tensor) -> bool:
         """Return whether this is a centred stride-1 depthwise layer on a map with enough active sites."""
-        kernel, padding, dilation = self.kernel_size[0], self.padding[0], self.dilation[0]
         depthwise = self.groups == self.in_channels == self.out_channels
-        if not (depthwise and self.stride[0] == 1 and 2 * padding == dilation * (kernel - 1)):
+        if not (depthwise and self._centred()):
             return False
         height, width = self.sites.size_at(self.in_stride)
         return x.shape[0] >= DEPTHWISE_DENSE_MIN_DENSITY * self.sites.active.shape[0] * height * width
@@ -161,23 +160,3 @@ class SparseGroupedConv2d(SparseConv2d):
             dense = dense.contiguous()
         out = F.conv2d(dense, weight, None, 1, self.padding, self.dilation, self.groups)
         return self.sites.gather(out, self.in_stride)
-
-
-def convert_grouped_conv(conv: nn.Conv2d, context: BuildContext) -> nn.Module:
-    """Convert a grouped ``Conv2d``; the spconv backend's ``Conv2d`` converter calls it when ``groups > 1``."""
-    layer = SparseGroupedConv2d(
-        conv.in_channels,
-        conv.out_channels,
-        _square(conv.kernel_size, "kernel_size", context),
-        stride=_square(conv.stride, "stride", context),
-        padding=_square(conv.padding, "padding", context),
-        dilation=_square(conv.dilation, "dilation", context),
-        groups=conv.groups,
-        bias=conv.bias is not None,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-    )
-    layer.load_state_dict(conv.state_dict())
-    layer.sites = context.sites
-    layer.in_stride = _input_stride(context)
-    return layer
